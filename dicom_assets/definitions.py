@@ -1,0 +1,31 @@
+"""The one ``Definitions``: assets, checks, sensors, schedules and resources."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from dicom_assets.defs import bronze, checks, gold, silver
+from dicom_assets.defs.resources import default_resources
+from dicom_assets.defs.sensors import (
+    all_assets_job,
+    daily_all_assets_schedule,
+    external_folder_sensor,
+    ingest_folder_sensor,
+)
+
+defs = dg.Definitions(
+    assets=[
+        bronze.dicom_files,
+        bronze.dicomimagingmetastore,
+        silver.ImagingMetastore,
+        silver.imagingstudy_ndjson,
+        silver.bronze_imagingstudy,
+        silver.silver_imagingstudy,
+        gold.omop_gold,
+    ],
+    asset_checks=checks.ALL_CHECKS,
+    jobs=[all_assets_job],
+    sensors=[ingest_folder_sensor, external_folder_sensor],
+    schedules=[daily_all_assets_schedule],
+    resources=default_resources(),
+)

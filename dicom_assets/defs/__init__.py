@@ -1,0 +1,1 @@
+"""Dagster wiring only: partitions, assets, checks, sensors, schedules over ``steps/``."""

@@ -1,0 +1,137 @@
+"""The embedded engine: a ``spawn`` process pool over batches of files (SPEC §7).
+
+delta-rs holds threads and locks that a forked child inherits in a broken
+state, so the pool always uses the ``spawn`` start method. Each worker writes
+its batch's rows as one Parquet part file straight into the table folder and
+returns only the small add-action record and its failures; the parent commits
+every part in one Delta transaction (the same path the Spark engine takes).
+Memory is bounded by batch size times workers, not by the number of files,
+and a lost commit race re-plans the commit without re-reading any file.
+
+Every file is read within the settings' budget (``file_timeout_seconds``,
+``max_file_bytes``; :mod:`dicom_assets.dicom.budget`); each pool task runs in
+its worker's main thread, so the ``SIGALRM`` backstop of the time limit
+applies there. Pool workers can also get an address-space limit
+(``RLIMIT_AS``, see :func:`init_worker`): a file that still needs more memory
+then fails with ``TooLarge`` instead of waking the kernel's OOM killer.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from dicom_assets.config import Settings
+from dicom_assets.dicom.budget import ReadLimits
+from dicom_assets.dicom.extract import extract_batch_arrow
+from dicom_assets.dicom.records import ExtractTask
+from dicom_assets.engines.base import ExtractionOutcome, batches
+from dicom_assets.lake import delta, delta_commit
+from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
+
+BatchResult = tuple[dict[str, Any] | None, pa.Table, int]
+
+
+def init_worker(address_space_bytes: int = 0) -> None:
+    """Pool initializer: cap this worker's address space at ``address_space_bytes`` (0: no cap).
+
+    Python then raises ``MemoryError`` where the kernel would kill the
+    process, and the reader turns it into a ``TooLarge`` failure record. The
+    cap counts virtual memory: memory-mapped files (files from 64 MiB up are
+    mapped whole) and pyarrow's reservations included, so it must be well
+    above ``max_file_bytes`` plus about 1 GiB. Linux and macOS only; never
+    applied to the calling process (the in-process path of one worker).
+    """
+    if address_space_bytes <= 0 or sys.platform == "win32":
+        return
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = address_space_bytes if hard == resource.RLIM_INFINITY else min(address_space_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def worker_address_space_bytes(settings: Settings) -> int:
+    """The workers' ``RLIMIT_AS`` cap: ``settings.worker_memory_bytes`` when the settings have it, else none."""
+    return int(getattr(settings, "worker_memory_bytes", 0) or 0)
+
+
+def run_batch(
+    tasks: list[ExtractTask], threshold: int, now: datetime, table_dir: str, limits: ReadLimits | None = None
+) -> BatchResult:
+    """Extract one batch and write its rows as a part file; returns (add record, failures, rows)."""
+    rows, fails = extract_batch_arrow(tasks, bulk_data_threshold=threshold, now=now, limits=limits)
+    rows = delta.conform(rows, METASTORE_SCHEMA)
+    if rows.num_rows == 0:
+        return None, fails, 0
+    add = delta_commit.write_part(table_dir, rows)
+    return delta_commit.add_action_to_record(add), fails, rows.num_rows
+
+
+def iter_batches(
+    tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str
+) -> Iterator[BatchResult]:
+    """Run every batch, in a spawn pool when there is more than one batch and worker."""
+    groups = list(batches(tasks, settings.batch_size))
+    workers = min(settings.effective_workers(), len(groups))
+    limits = ReadLimits.from_settings(settings)
+    if workers <= 1:
+        for g in groups:
+            yield run_batch(g, settings.bulk_data_threshold, now, table_dir, limits)
+        return
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=init_worker,
+        initargs=(worker_address_space_bytes(settings),),
+    ) as pool:
+        # A bounded window of batches in flight keeps memory flat on huge days.
+        window = workers * 2
+        pending: list[Future[BatchResult]] = []
+        for g in groups:
+            pending.append(pool.submit(run_batch, g, settings.bulk_data_threshold, now, table_dir, limits))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        while pending:
+            yield pending.pop(0).result()
+
+
+def run_extraction(
+    tasks: Sequence[ExtractTask],
+    settings: Settings,
+    *,
+    metastore_uri: str,
+    day: str,
+    now: datetime | None = None,
+) -> ExtractionOutcome:
+    """Extract every task and replace the ``day`` rows of the metastore in one commit."""
+    start = time.perf_counter()
+    now = now or datetime.now(UTC)
+    delta.ensure_table(metastore_uri, METASTORE_SCHEMA)
+    table_dir = str(delta_commit.table_dir(metastore_uri))
+    adds = []
+    failures: list[pa.Table] = []
+    written = 0
+    for rec, fails, n in iter_batches(tasks, settings, now, table_dir):
+        if rec is not None:
+            adds.append(delta_commit.add_action_from_record(rec))
+        failures.append(fails)
+        written += n
+    extracted = time.perf_counter()
+    delta_commit.commit_replace(metastore_uri, METASTORE_SCHEMA, adds, day)
+    fail_table = pa.concat_tables([delta.conform(f, FAILURES_SCHEMA) for f in failures]) if failures else FAILURES_SCHEMA.empty_table()
+    return ExtractionOutcome(
+        rows_written=written,
+        failures=fail_table,
+        engine="local",
+        seconds=time.perf_counter() - start,
+        details={"extract_seconds": extracted - start, "commit_seconds": time.perf_counter() - extracted, "parts": len(adds)},
+    )

@@ -1,0 +1,1 @@
+"""I/O edge of the lake: folder layout, table schemas, Delta writes, durable file moves."""

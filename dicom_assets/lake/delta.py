@@ -1,0 +1,238 @@
+"""Delta table I/O through delta-rs: every commit of the project goes through here.
+
+Writes are idempotent by construction: a partition is *replaced* (overwrite with
+a predicate, Delta's replaceWhere) and silver/gold tables are *merged* on their
+keys, so re-running a step converges on the same rows. Concurrent writers to
+the same table (two partitions materialising at once) can conflict at commit
+time; delta-rs then raises ``CommitFailedError`` and we retry with backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, write_deltalake
+
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from dicom_assets.lake.fileops import crash_point
+
+T = TypeVar("T")
+
+#: Retries of a conflicting commit; waits grow to about 10 s in total.
+COMMIT_RETRIES = 12
+
+
+def with_commit_retry(fn: Callable[[], T], *, retries: int = COMMIT_RETRIES) -> T:
+    """Run ``fn`` (one Delta commit), retrying when another writer won the race."""
+    delay = 0.05
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (CommitFailedError, DeltaError) as exc:
+            if attempt == retries or not _is_conflict(exc):
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def _is_conflict(exc: Exception) -> bool:
+    if isinstance(exc, CommitFailedError):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in ("conflict", "concurrent", "version already exists", "already exists"))
+
+
+def table_label(uri: str | Path) -> str:
+    """``<layer>.<table>`` of a lake table folder (``silver.ImagingStudy``), as the CLI names it."""
+    p = Path(str(uri).removeprefix("file://"))
+    return f"{p.parent.parent.name}.{p.name}"
+
+
+def _commit(uri: str | Path, fn: Callable[[], T]) -> T:
+    """One (retried) commit, between the crash points the kill-and-rerun tests stop at."""
+    label = table_label(uri)
+    crash_point(f"delta:before_commit:{label}")
+    out = with_commit_retry(fn)
+    crash_point(f"delta:after_commit:{label}")
+    return out
+
+
+def exists(uri: str | Path) -> bool:
+    return DeltaTable.is_deltatable(str(uri))
+
+
+def conform(table: pa.Table | Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, order and types."""
+    if not isinstance(table, pa.Table):
+        return pa.Table.from_pylist(list(table), schema=schema)
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            cols.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+#: Columns whose min/max statistics delta-rs records, per table. By default it
+#: stops at the first 32 columns, which misses ``ingestDate`` in the wide
+#: metastore; day and UID filters then could not skip files.
+STATS_COLUMNS: dict[str, str] = {
+    "dicomimagingmetastore": "ingestDate,sourceSystem,studyInstanceUid,seriesInstanceUid,sopInstanceUid,filePath,contentSha256",
+    "ImagingMetastore": "studyInstanceUid,seriesInstanceUid,sopInstanceUid,msftSourceSystem,ingestDate,imagingStudyId,sourceModifiedAt,contentSha256",
+}
+
+
+def ensure_table(uri: str | Path, schema: pa.Schema) -> None:
+    """Create an empty table with ``schema`` unless one exists."""
+    if exists(uri):
+        return
+    Path(uri).mkdir(parents=True, exist_ok=True)
+    stats = STATS_COLUMNS.get(Path(uri).name)
+    config = {"delta.dataSkippingStatsColumns": stats} if stats else None
+
+    def create() -> None:
+        if not exists(uri):
+            write_deltalake(str(uri), schema.empty_table(), mode="append", configuration=config)
+
+    try:
+        with_commit_retry(create)
+    except DeltaError:
+        if not exists(uri):
+            raise
+
+
+def replace_where(uri: str | Path, data: pa.Table, schema: pa.Schema, predicate: str) -> None:
+    """Atomically replace the rows matching ``predicate`` by ``data`` (replaceWhere).
+
+    One commit removes the matched files and adds the new ones, so readers see
+    either the old partition or the new one, and a re-run gives the same rows.
+    """
+    ensure_table(uri, schema)
+    data = conform(data, schema)
+    _commit(uri, lambda: write_deltalake(str(uri), data, mode="overwrite", predicate=predicate))
+
+
+def append(uri: str | Path, data: pa.Table, schema: pa.Schema) -> None:
+    ensure_table(uri, schema)
+    data = conform(data, schema)
+    if data.num_rows:
+        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append"))
+
+
+def merge(
+    uri: str | Path,
+    source: pa.Table,
+    schema: pa.Schema,
+    *,
+    keys: Sequence[str],
+    update_predicate: str | None = None,
+    update_columns: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Upsert ``source`` into the table on ``keys``; returns delta-rs merge metrics.
+
+    ``update_predicate`` (SQL over ``s.`` source and ``t.`` target) limits which
+    matched rows are updated; ``update_columns`` updates only those target
+    columns (e.g. to keep ``msftCreatedDatetime``). Unmatched rows are inserted.
+    """
+    ensure_table(uri, schema)
+    source = conform(source, schema)
+    if source.num_rows == 0:
+        return {}
+    on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+
+    def run() -> dict[str, Any]:
+        dt = DeltaTable(str(uri))
+        m = dt.merge(source, predicate=on, source_alias="s", target_alias="t")
+        if update_columns is not None:
+            m = m.when_matched_update(updates=update_columns, predicate=update_predicate)
+        else:
+            m = m.when_matched_update_all(predicate=update_predicate)
+        return dict(m.when_not_matched_insert_all().execute())
+
+    return _commit(uri, run)
+
+
+def delete_where(uri: str | Path, predicate: str) -> None:
+    if exists(uri):
+        with_commit_retry(lambda: DeltaTable(str(uri)).delete(predicate))
+
+
+def read(
+    uri: str | Path,
+    schema: pa.Schema | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    where: Mapping[str, str | Sequence[str]] | None = None,
+) -> pa.Table:
+    """Read (part of) a table; an absent table reads as empty with ``schema``.
+
+    ``where`` maps a column to a value or a list of values. delta-rs first
+    skips files whose min/max statistics rule them out (a day's rows are read
+    without scanning the whole table), then rows are selected exactly.
+    """
+    try:
+        dt = DeltaTable(str(uri))
+    except TableNotFoundError:
+        if schema is None:
+            raise
+        empty = schema.empty_table()
+        return empty.select(list(columns)) if columns else empty
+    full = pa.schema(dt.schema().to_arrow()) if schema is None else schema
+    target = pa.schema([full.field(c) for c in columns]) if columns else full
+    where = dict(where or {})
+    prune = " AND ".join(
+        f"`{c}` = {sql_literal(v)}" if isinstance(v, str) else f"`{c}` IN ({', '.join(sql_literal(x) for x in v)})"
+        for c, v in where.items()
+    )
+    # delta-rs's own dataset and its merge-written files use string_view, which
+    # pyarrow cannot compare with string literals; reading each pruned file,
+    # casting to the declared schema and filtering afterwards is exact and safe.
+    files = dt.file_uris(file_pruning_predicate=prune) if prune else dt.file_uris()
+    wanted = list(dict.fromkeys([*target.names, *where]))
+    read_schema = pa.schema([full.field(c) for c in wanted])
+    parts = []
+    for f in files:
+        t = conform(pq.read_table(f, columns=wanted), read_schema)
+        for c, v in where.items():
+            values = pa.array([v] if isinstance(v, str) else list(v), pa.string())
+            t = t.filter(pc.is_in(t.column(c), value_set=values))
+        if t.num_rows:
+            parts.append(t.select(target.names))
+    if not parts:
+        return target.empty_table()
+    return pa.concat_tables(parts)
+
+
+def read_day(uri: str | Path, schema: pa.Schema, day: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of one partition day (``ingestDate``)."""
+    return read(uri, schema, columns=columns, where={"ingestDate": day})
+
+
+def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[str], *, columns: Sequence[str] | None = None) -> pa.Table:
+    """Rows whose ``column`` is one of ``values`` (e.g. every instance of the touched studies)."""
+    if not values:
+        empty = schema.empty_table()
+        return empty.select(list(columns)) if columns else empty
+    return read(uri, schema, columns=columns, where={column: list(values)})
+
+
+def count(uri: str | Path) -> int:
+    if not exists(uri):
+        return 0
+    return int(DeltaTable(str(uri)).to_pyarrow_dataset().count_rows())
+
+
+def sql_literal(value: str) -> str:
+    """Quote ``value`` for a delta-rs SQL predicate."""
+    return "'" + value.replace("'", "''") + "'"

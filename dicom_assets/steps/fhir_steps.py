@@ -1,0 +1,150 @@
+"""FHIR steps (SPEC §3.4): ImagingStudy NDJSON files, bronze rows and silver rows."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dicom_assets.fhir import mapping, ndjson, validate
+from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
+from dicom_assets.lake import delta
+from dicom_assets.lake.paths import LakePaths
+from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA, SILVER_IMAGINGSTUDY_SCHEMA
+from dicom_assets.steps.silver import study_instances, touched_studies
+
+MAX_PER_FILE = 1000
+
+
+@dataclass(frozen=True)
+class NdjsonResult:
+    resources: int
+    files: list[str]
+    namespaces: dict[str, int]
+    errors: dict[str, str]
+
+
+def build_resources(paths: LakePaths, day: str) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Every study touched by ``day``, rebuilt from *all* its silver instances, validated.
+
+    Returns (resources grouped by namespace and sorted by id, errors by study
+    UID). ``meta.lastUpdated`` is the newest ``msftModifiedDatetime`` among the
+    study's instances, so a rebuild with unchanged instances is identical. A
+    study that cannot be mapped or fails validation is reported (strict
+    writer: nothing invalid is written) without holding back the others.
+    """
+    studies = touched_studies(paths, day)
+    inst = study_instances(paths, studies)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in inst.to_pylist():
+        groups[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    errors: dict[str, str] = {}
+    for (ns, uid), rows in sorted(groups.items()):
+        last = max(r["msftModifiedDatetime"] for r in rows)
+        try:
+            res = mapping.build_imaging_study(rows, namespace=ns, last_updated=last)
+            validate.validate_imaging_study(res, namespace=ns)
+        except ValueError as exc:
+            errors[uid] = str(exc)[:300]  # messages name UIDs and fields, never values
+            continue
+        out[ns].append(res)
+    for ns in out:
+        out[ns].sort(key=lambda r: r["id"])
+    return dict(out), errors
+
+
+def write_ndjson_files(paths: LakePaths, day: str) -> NdjsonResult:
+    """Asset 4: rewrite the day's NDJSON files (≤ 1000 resources each), per namespace."""
+    by_ns, errors = build_resources(paths, day)
+    files: list[str] = []
+    # Namespaces that had files but no longer have resources must be emptied too.
+    root = paths.ndjson_root()
+    existing_ns = {p.name for p in root.iterdir()} if root.exists() else set()
+    for ns in sorted(existing_ns | set(by_ns)):
+        folder = paths.ndjson_dir(ns, day)
+        if ns not in by_ns and not folder.exists():
+            continue
+        written = ndjson.write_ndjson(by_ns.get(ns, []), folder, max_per_file=MAX_PER_FILE)
+        files.extend(str(p) for p in written)
+    return NdjsonResult(
+        resources=sum(len(v) for v in by_ns.values()),
+        files=files,
+        namespaces={k: len(v) for k, v in by_ns.items()},
+        errors=errors,
+    )
+
+
+def ndjson_files_for_day(paths: LakePaths, day: str) -> list[tuple[str, Path]]:
+    root = paths.ndjson_root()
+    if not root.exists():
+        return []
+    out = []
+    for ns_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        folder = paths.ndjson_dir(ns_dir.name, day)
+        if folder.exists():
+            out.extend((ns_dir.name, f) for f in sorted(folder.glob("*.ndjson")))
+    return out
+
+
+def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> int:
+    """Asset 5: replace the day's bronze ``ImagingStudy`` rows with the day's NDJSON lines."""
+    now = now or datetime.now(timezone.utc)
+    rows = []
+    for ns, f in ndjson_files_for_day(paths, day):
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    res = json.loads(line)
+                    rows.append(bronze_row(res, source_system=ns, file_path=str(f), created=now, ingest_date=day))
+    table = pa.Table.from_pylist(rows, schema=BRONZE_IMAGINGSTUDY_SCHEMA)
+    delta.replace_where(
+        paths.table_uri("bronze_ImagingStudy"), table, BRONZE_IMAGINGSTUDY_SCHEMA, f"ingestDate = {delta.sql_literal(day)}"
+    )
+    return table.num_rows
+
+
+@dataclass(frozen=True)
+class SilverStudyResult:
+    studies: int
+    inserted: int
+    updated: int
+
+
+def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverStudyResult:
+    """Asset 6: flatten the day's bronze resources and merge into silver on ``id``.
+
+    A row is updated only when the incoming ``meta.lastUpdated`` is newer and
+    the content differs, so ``msftModifiedDatetime`` moves only on real change
+    and ``msftCreatedDatetime`` is never overwritten.
+    """
+    now = now or datetime.now(timezone.utc)
+    bronze = delta.read_day(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, day)
+    rows = []
+    for b in bronze.to_pylist():
+        res = json.loads(b["fhirContent"])
+        rows.append(
+            flatten_imaging_study(
+                res, source_system=b["sourceSystem"], file_path=b["filePath"], created=now, modified=now
+            )
+        )
+    table = pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA)
+    update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_IMAGINGSTUDY_SCHEMA if f.name != "msftCreatedDatetime"}
+    metrics = delta.merge(
+        paths.table_uri("silver_ImagingStudy"),
+        table,
+        SILVER_IMAGINGSTUDY_SCHEMA,
+        keys=["id"],
+        update_predicate="s.lastUpdated > t.lastUpdated AND s.fhirContent <> t.fhirContent",
+        update_columns=update_cols,
+    )
+    return SilverStudyResult(
+        studies=table.num_rows,
+        inserted=int(metrics.get("num_target_rows_inserted", 0)),
+        updated=int(metrics.get("num_target_rows_updated", 0)),
+    )

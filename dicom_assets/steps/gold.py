@@ -1,0 +1,248 @@
+"""Gold steps (SPEC §3.5): OMOP ``image_occurrence`` and ``procedure_occurrence`` with stable ids."""
+
+from __future__ import annotations
+
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dicom_assets.config import Settings
+from dicom_assets.fhir.identity import imaging_study_id
+from dicom_assets.lake import delta
+from dicom_assets.lake.locks import lake_lock
+from dicom_assets.lake.paths import LakePaths
+from dicom_assets.lake.schemas import (
+    IDMAP_SCHEMA,
+    IMAGE_OCCURRENCE_SCHEMA,
+    PROCEDURE_OCCURRENCE_SCHEMA,
+    SILVER_IMAGINGSTUDY_SCHEMA,
+)
+from dicom_assets.omop import idmap
+from dicom_assets.omop.concepts import ConceptResolver
+from dicom_assets.omop.mapping import image_occurrence_rows, keys_for_study, procedure_occurrence_rows, validate_rows
+from dicom_assets.steps.silver import study_instances, touched_studies
+
+#: Instance columns the OMOP mapping reads.
+INSTANCE_COLUMNS = [
+    "studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem", "patientId",
+    "issuerOfPatientId", "studyDate", "studyTime", "timezoneOffsetFromUtc", "seriesDate", "seriesTime",
+    "performedProcedureStepStartDate", "bodyPartExamined", "modality", "studyDescription", "msftFilePath",
+]
+
+IDMAPS = ("image_occurrence", "person", "procedure_occurrence")
+
+
+@dataclass(frozen=True)
+class GoldResult:
+    studies: int
+    image_occurrences: int
+    procedure_occurrences: int
+    new_ids: dict[str, int]
+    skipped: dict[str, str]
+
+
+def _read_map(paths: LakePaths, kind: str) -> dict[str, int]:
+    t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
+    return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist()))
+
+
+def ensure_ids(paths: LakePaths, wanted: Mapping[str, Iterable[str]], now: datetime) -> tuple[idmap.IdLookup, dict[str, int]]:
+    """Ids for every wanted key, assigning new ones for unseen keys; existing ids never change.
+
+    Runs under a lake lock so that two partitions materialising at once never
+    hand out the same id (see :mod:`dicom_assets.lake.locks`).
+    """
+    out: dict[str, dict[str, int]] = {}
+    new_counts: dict[str, int] = {}
+    with lake_lock(paths.state_dir, "idmaps"):
+        for kind in IDMAPS:
+            keys = set(wanted.get(kind, ()))
+            existing = _read_map(paths, kind)
+            new = idmap.assign_ids(existing, keys)
+            if new:
+                delta.append(
+                    paths.table_uri(f"_idmap_{kind}"),
+                    pa.Table.from_pylist(idmap.id_rows(new, now), schema=IDMAP_SCHEMA),
+                    IDMAP_SCHEMA,
+                )
+            new_counts[kind] = len(new)
+            out[kind] = {k: existing.get(k, new.get(k)) for k in keys}  # type: ignore[misc]
+    return idmap.IdLookup(
+        image_occurrence=out["image_occurrence"], person=out["person"], procedure_occurrence=out["procedure_occurrence"]
+    ), new_counts
+
+
+_FALLBACK_TAGS = {"contentDate": "00080023", "acquisitionDate": "00080022", "instanceCreationDate": "00080012"}
+
+
+def _add_fallback_dates(paths: LakePaths, by_study: Mapping[tuple[str, str], Mapping[str, list[dict[str, Any]]]]) -> None:
+    """For studies without any Series/Study/PPS date, add instance-level dates from the full tags.
+
+    OMOP requires ``image_occurrence_date``; the other dates of the same
+    objects come first, the arrival day last (see omop.mapping.FALLBACK_DATE_KEYS).
+    Only undated studies pay for reading ``metadata_string``.
+    """
+    undated = [
+        k for k, series in by_study.items()
+        if not any(r.get(c) for rows in series.values() for r in rows for c in ("seriesDate", "studyDate", "performedProcedureStepStartDate"))
+    ]
+    if not undated:
+        return
+    extra = study_instances(paths, undated, columns=["msftSourceSystem", "studyInstanceUid", "sopInstanceUid", "seriesInstanceUid", "ingestDate", "metadata_string"])
+    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in extra.to_pylist():
+        meta = json.loads(r["metadata_string"] or "{}")
+        dates = {k: (meta.get(tag, {}).get("Value") or [None])[0] for k, tag in _FALLBACK_TAGS.items()}
+        dates["arrivalDate"] = (r["ingestDate"] or "").replace("/", "-") or None
+        found[(r["msftSourceSystem"], r["studyInstanceUid"], r["sopInstanceUid"])] = dates
+    for key in undated:
+        for rows in by_study[key].values():
+            for r in rows:
+                r.update(found.get((key[0], key[1], r["sopInstanceUid"]), {}))
+
+
+def _changed_predicate(schema: pa.Schema, skip: Sequence[str]) -> str:
+    cols = [f.name for f in schema if f.name not in skip]
+    return " OR ".join(f"(s.`{c}` IS DISTINCT FROM t.`{c}`)" for c in cols)
+
+
+def build_gold(paths: LakePaths, settings: Settings, day: str, *, now: datetime | None = None) -> GoldResult:
+    """Map every study touched by ``day`` (whole study, all days' instances) and merge into gold."""
+    now = now or datetime.now(timezone.utc)
+    studies = touched_studies(paths, day)
+    uids = sorted({u for _ns, u in studies})
+    st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids)
+    wanted_pairs = set(studies)
+    study_rows = [r for r in st.to_pylist() if (r["msftSourceSystem"], r["studyInstanceUid"]) in wanted_pairs]
+    inst = study_instances(paths, studies, columns=INSTANCE_COLUMNS)
+    by_study: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in inst.to_pylist():
+        by_study[(r["msftSourceSystem"], r["studyInstanceUid"])][r["seriesInstanceUid"]].append(r)
+    _add_fallback_dates(paths, by_study)
+
+    wanted: dict[str, set[str]] = {k: set() for k in IDMAPS}
+    for s in study_rows:
+        keys = keys_for_study(s, by_study[(s["msftSourceSystem"], s["studyInstanceUid"])])
+        wanted["person"].add(keys.person)
+        wanted["procedure_occurrence"].add(keys.procedure_occurrence)
+        wanted["image_occurrence"].update(keys.image_occurrence.values())
+    ids, new_counts = ensure_ids(paths, wanted, now)
+
+    concepts = ConceptResolver.from_settings(
+        settings.modality_concept_map, settings.body_part_concept_map, settings.omop_vocabulary_dir
+    )
+    io_rows: list[dict[str, Any]] = []
+    po_rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for s in study_rows:
+        series = by_study[(s["msftSourceSystem"], s["studyInstanceUid"])]
+        try:
+            io = image_occurrence_rows(
+                s, series, ids=ids, concepts=concepts, dicomweb_base_url=settings.dicomweb_base_url,
+                lake_root=str(paths.root), modified=now,
+            )
+            po = procedure_occurrence_rows(s, series, ids=ids, modified=now)
+        except ValueError as exc:
+            # Strict writer: a study we cannot map (no date at all) is reported, not guessed.
+            skipped[s["studyInstanceUid"]] = str(exc)[:200]
+            continue
+        io_rows.extend(io)
+        po_rows.extend(po)
+    validate_rows(io_rows, IMAGE_OCCURRENCE_SCHEMA)
+    validate_rows(po_rows, PROCEDURE_OCCURRENCE_SCHEMA)
+    delta.merge(
+        paths.table_uri("image_occurrence"),
+        pa.Table.from_pylist(io_rows, schema=IMAGE_OCCURRENCE_SCHEMA),
+        IMAGE_OCCURRENCE_SCHEMA,
+        keys=["image_occurrence_id"],
+        update_predicate=_changed_predicate(IMAGE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
+    )
+    delta.merge(
+        paths.table_uri("procedure_occurrence"),
+        pa.Table.from_pylist(po_rows, schema=PROCEDURE_OCCURRENCE_SCHEMA),
+        PROCEDURE_OCCURRENCE_SCHEMA,
+        keys=["procedure_occurrence_id"],
+        update_predicate=_changed_predicate(PROCEDURE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
+    )
+    return GoldResult(
+        studies=len(study_rows),
+        image_occurrences=len(io_rows),
+        procedure_occurrences=len(po_rows),
+        new_ids=new_counts,
+        skipped=skipped,
+    )
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+def _ids(t: pa.Table, col: str) -> list[Any]:
+    return t.column(col).to_pylist()
+
+
+def _of_partition(t: pa.Table, paths: LakePaths, day: str | None) -> pa.Table:
+    """The rows of the studies ``day`` touched (all rows without ``day``).
+
+    A partition's checks look at what its run wrote: another day's run going
+    on at the same time (image_occurrence merged, procedure_occurrence not
+    yet) must not fail them.
+    """
+    if day is None:
+        return t
+    ids = pa.array(sorted({imaging_study_id(ns, uid) for ns, uid in touched_studies(paths, day)}), pa.string())
+    return t.filter(pc.is_in(t.column("msftSourceRecordId"), value_set=ids))
+
+
+def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
+    """No duplicate ids, required columns non-null, person/procedure ids resolve."""
+    io = _of_partition(delta.read(paths.table_uri("image_occurrence"), IMAGE_OCCURRENCE_SCHEMA), paths, day)
+    po = delta.read(paths.table_uri("procedure_occurrence"), PROCEDURE_OCCURRENCE_SCHEMA, columns=["procedure_occurrence_id"])
+    persons = set(_read_map(paths, "person").values())
+    ids = _ids(io, "image_occurrence_id")
+    dup = len(ids) - len(set(ids))
+    nulls = {f.name: io.column(f.name).null_count for f in IMAGE_OCCURRENCE_SCHEMA if not f.nullable}
+    proc = set(_ids(po, "procedure_occurrence_id"))
+    bad_proc = sum(1 for x in _ids(io, "procedure_occurrence_id") if x not in proc)
+    bad_person = sum(1 for x in _ids(io, "person_id") if x not in persons)
+    facts = {"rows": io.num_rows, "duplicate_ids": dup, "null_required": sum(nulls.values()),
+             "unresolved_procedure_ids": bad_proc, "unresolved_person_ids": bad_person}
+    return dup == 0 and not sum(nulls.values()) and bad_proc == 0 and bad_person == 0, facts
+
+
+def check_procedure_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
+    po = _of_partition(delta.read(paths.table_uri("procedure_occurrence"), PROCEDURE_OCCURRENCE_SCHEMA), paths, day)
+    persons = set(_read_map(paths, "person").values())
+    ids = _ids(po, "procedure_occurrence_id")
+    dup = len(ids) - len(set(ids))
+    nulls = sum(po.column(f.name).null_count for f in PROCEDURE_OCCURRENCE_SCHEMA if not f.nullable)
+    bad_person = sum(1 for x in _ids(po, "person_id") if x not in persons)
+    return dup == 0 and nulls == 0 and bad_person == 0, {
+        "rows": po.num_rows, "duplicate_ids": dup, "null_required": nulls, "unresolved_person_ids": bad_person
+    }
+
+
+def check_idmaps_stable(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
+    """Each id-map key has exactly one id and each id one key.
+
+    The maps are checked whole whatever ``day``: they only grow, one locked
+    append at a time, so a concurrent run never shows a half state.
+    """
+    facts: dict[str, Any] = {}
+    ok = True
+    for kind in IDMAPS:
+        t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
+        dk = sum(c - 1 for c in Counter(_ids(t, "key")).values() if c > 1)
+        di = sum(c - 1 for c in Counter(_ids(t, "id")).values() if c > 1)
+        facts[f"{kind}_keys"] = t.num_rows
+        facts[f"{kind}_conflicts"] = dk + di
+        ok = ok and dk == 0 and di == 0
+    return ok, facts
+
+
+
