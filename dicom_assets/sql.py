@@ -92,8 +92,8 @@ def format_table(table: pa.Table, fmt: str = "table", *, max_width: int = 60) ->
     header = table.column_names
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
     line = "+".join("-" * (w + 2) for w in widths)
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), line]
-    out += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)), line]
+    out += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
 

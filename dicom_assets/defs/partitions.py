@@ -1,7 +1,7 @@
 """The one partitioning of every asset: the UTC arrival day ``yyyy/mm/dd`` (SPEC §4)."""
 
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -14,4 +14,4 @@ daily_partitions = dg.DailyPartitionsDefinition(
 
 
 def today_key(now: datetime | None = None) -> str:
-    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime(PARTITION_FMT)
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime(PARTITION_FMT)

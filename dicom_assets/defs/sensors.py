@@ -2,7 +2,7 @@
 
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -48,6 +48,6 @@ def external_folder_sensor(context: dg.SensorEvaluationContext, settings: DicomA
 @dg.schedule(job=all_assets_job, cron_schedule="30 0 * * *", execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING)
 def daily_all_assets_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     """Yesterday's partition end to end, shortly after midnight UTC: catches stragglers."""
-    when = context.scheduled_execution_time or datetime.now(timezone.utc)
-    day = (when.astimezone(timezone.utc) - timedelta(days=1)).strftime("%Y/%m/%d")
+    when = context.scheduled_execution_time or datetime.now(UTC)
+    day = (when.astimezone(UTC) - timedelta(days=1)).strftime("%Y/%m/%d")
     return dg.RunRequest(run_key=f"daily-{day}", partition_key=day)

@@ -13,11 +13,10 @@ never the value (no PHI in messages, SPEC §6).
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import math
 import numbers
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any

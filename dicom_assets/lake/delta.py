@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
-
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from dicom_assets.lake.fileops import crash_point

@@ -32,7 +32,7 @@ class LakePaths:
     root: Path
 
     @classmethod
-    def of(cls, root: str | Path) -> "LakePaths":
+    def of(cls, root: str | Path) -> LakePaths:
         return cls(Path(root).resolve())
 
     @property
@@ -79,7 +79,7 @@ class LakePaths:
     def table_uri(self, name: str) -> str:
         return str(self.table(name))
 
-    def ensure(self) -> "LakePaths":
+    def ensure(self) -> LakePaths:
         """Create the fixed top-level folders so users see where to drop files."""
         for d in (self.ingest_root, self.external_root, self.process_root, self.failed_root):
             d.mkdir(parents=True, exist_ok=True)

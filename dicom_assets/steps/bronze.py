@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def organise_ingest(paths: LakePaths, settings: Settings, day: str, *, now: floa
 
 def end_of_day(day: str) -> float:
     """POSIX seconds of the end of the UTC day ``yyyy/mm/dd``."""
-    start = datetime.strptime(day, "%Y/%m/%d").replace(tzinfo=timezone.utc)
+    start = datetime.strptime(day, "%Y/%m/%d").replace(tzinfo=UTC)
     return start.timestamp() + 86400.0
 
 
@@ -137,7 +137,7 @@ def extract_metastore(
     the same after any re-run.
     """
     start = time.perf_counter()
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     engine = engine or engine_for(settings)
     # New or changed External files become this day's before they are read, so a
     # crash mid-way leaves them attributed here and a re-run of the day reads them.

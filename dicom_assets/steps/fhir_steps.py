@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def ndjson_files_for_day(paths: LakePaths, day: str) -> list[tuple[str, Path]]:
 
 def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> int:
     """Asset 5: replace the day's bronze ``ImagingStudy`` rows with the day's NDJSON lines."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     rows = []
     for ns, f in ndjson_files_for_day(paths, day):
         with open(f, encoding="utf-8") as fh:
@@ -123,7 +123,7 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
     the content differs, so ``msftModifiedDatetime`` moves only on real change
     and ``msftCreatedDatetime`` is never overwritten.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     bronze = delta.read_day(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, day)
     rows = []
     for b in bronze.to_pylist():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -50,7 +49,7 @@ class GoldResult:
 
 def _read_map(paths: LakePaths, kind: str) -> dict[str, int]:
     t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
-    return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist()))
+    return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist(), strict=False))
 
 
 def ensure_ids(paths: LakePaths, wanted: Mapping[str, Iterable[str]], now: datetime) -> tuple[idmap.IdLookup, dict[str, int]]:
@@ -115,7 +114,7 @@ def _changed_predicate(schema: pa.Schema, skip: Sequence[str]) -> str:
 
 def build_gold(paths: LakePaths, settings: Settings, day: str, *, now: datetime | None = None) -> GoldResult:
     """Map every study touched by ``day`` (whole study, all days' instances) and merge into gold."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     studies = touched_studies(paths, day)
     uids = sorted({u for _ns, u in studies})
     st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids)

@@ -74,7 +74,7 @@ def metastore_unique(paths: LakePaths, day: str) -> Result:
 def silver_instances_unique(paths: LakePaths) -> Result:
     cols = ["studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem"]
     t = delta.read(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, columns=cols)
-    keys = Counter(zip(*(t.column(c).to_pylist() for c in cols)))
+    keys = Counter(zip(*(t.column(c).to_pylist() for c in cols), strict=False))
     dup = sum(c - 1 for c in keys.values() if c > 1)
     return dup == 0, {"instances": t.num_rows, "duplicate_keys": dup}
 
@@ -106,7 +106,7 @@ def silver_studies_consistent(paths: LakePaths, day: str | None = None) -> Resul
     dup_ids = len(ids) - len(set(ids))
     per_study: dict[str, set[str]] = {}
     per_series: dict[str, set[str]] = {}
-    for sid, sop, ser in zip(*(inst.column(c).to_pylist() for c in ("imagingStudyId", "sopInstanceUid", "seriesInstanceUid"))):
+    for sid, sop, ser in zip(*(inst.column(c).to_pylist() for c in ("imagingStudyId", "sopInstanceUid", "seriesInstanceUid")), strict=False):
         if sid:
             per_study.setdefault(sid, set()).add(sop)
             per_series.setdefault(sid, set()).add(ser)

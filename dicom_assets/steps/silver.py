@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -47,7 +47,7 @@ def touched_studies(paths: LakePaths, day: str) -> list[tuple[str, str]]:
     t = delta.read_day(
         paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["sourceSystem", "studyInstanceUid"]
     )
-    pairs = {(ns, uid) for ns, uid in zip(t.column("sourceSystem").to_pylist(), t.column("studyInstanceUid").to_pylist()) if uid}
+    pairs = {(ns, uid) for ns, uid in zip(t.column("sourceSystem").to_pylist(), t.column("studyInstanceUid").to_pylist(), strict=False) if uid}
     return sorted(pairs)
 
 
@@ -64,7 +64,7 @@ def pick_latest(rows: pa.Table) -> pa.Table:
             ("filePath", "ascending"),
         ]
     )
-    keys = zip(*(order.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "sourceSystem")))
+    keys = zip(*(order.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "sourceSystem")), strict=False)
     seen: set[tuple[Any, ...]] = set()
     keep: list[int] = []
     for i, k in enumerate(keys):
@@ -90,7 +90,7 @@ def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
     ns = bronze.column("sourceSystem").to_pylist()
     studies = cols["studyInstanceUid"].to_pylist()
     cols["imagingStudyId"] = pa.array(
-        [imaging_study_id(a, b) if b else None for a, b in zip(ns, studies)], pa.string()
+        [imaging_study_id(a, b) if b else None for a, b in zip(ns, studies, strict=False)], pa.string()
     )
     ts = pa.array([now] * n, SILVER_METASTORE_SCHEMA.field("msftCreatedDatetime").type)
     cols["msftCreatedDatetime"] = ts
@@ -102,7 +102,7 @@ def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
 
 def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverResult:
     """Asset 3: dedupe the day's bronze rows and merge them into silver on the instance key."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     bronze = delta.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day)
     latest = pick_latest(bronze)
     silver = to_silver(latest, now)
@@ -115,7 +115,7 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
         update_predicate=NEWER,
         update_columns=update_cols,
     )
-    studies = sorted({(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist()) if b})
+    studies = sorted({(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist(), strict=False) if b})
     return SilverResult(
         bronze_rows=bronze.num_rows,
         instances=silver.num_rows,
@@ -132,5 +132,5 @@ def study_instances(paths: LakePaths, studies: list[tuple[str, str]], columns: l
     wanted = set(studies)
     if t.num_rows == 0:
         return t
-    mask = [(a, b) in wanted for a, b in zip(t.column("msftSourceSystem").to_pylist(), t.column("studyInstanceUid").to_pylist())]
+    mask = [(a, b) in wanted for a, b in zip(t.column("msftSourceSystem").to_pylist(), t.column("studyInstanceUid").to_pylist(), strict=False)]
     return t.filter(pa.array(mask))

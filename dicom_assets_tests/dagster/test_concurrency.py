@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -48,7 +48,7 @@ TEN_YEARS = str(10 * 365 * 86400)
 
 
 def _day(offset: int) -> str:
-    return (datetime.now(timezone.utc) - timedelta(days=offset)).strftime("%Y/%m/%d")
+    return (datetime.now(UTC) - timedelta(days=offset)).strftime("%Y/%m/%d")
 
 
 def _write_study(folder: Path, tag: str, series: int, per_series: int, mtime: float) -> list[Path]:
@@ -83,7 +83,7 @@ def _drop_files(lake: LakePaths) -> list[Path]:
         os.utime(p, (now - 120, now - 120))
         files.append(p)
     for offset, tag in ((1, "yesterday"), (2, "daybefore")):
-        start = datetime.strptime(_day(offset), "%Y/%m/%d").replace(tzinfo=timezone.utc).timestamp()
+        start = datetime.strptime(_day(offset), "%Y/%m/%d").replace(tzinfo=UTC).timestamp()
         files += _write_study(ns, tag, series=2, per_series=2, mtime=start + 3600)
     return files
 
@@ -120,7 +120,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
         settings = DicomAssetsSettings(lake=str(lake.root), settle_seconds=0)
         tick = ingest_folder_sensor(dg.build_sensor_context(instance=instance, resources={"settings": settings}))
         (sensor_request,) = tick.run_requests
-        after_midnight = datetime.strptime(today, "%Y/%m/%d").replace(tzinfo=timezone.utc) + timedelta(days=1, minutes=30)
+        after_midnight = datetime.strptime(today, "%Y/%m/%d").replace(tzinfo=UTC) + timedelta(days=1, minutes=30)
         schedule_request = daily_all_assets_schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=after_midnight))
         assert sensor_request.partition_key == schedule_request.partition_key == today
         launches = [
@@ -145,7 +145,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
         by_day[r.dagster_run.tags["dagster/partition"]].append((r.start_time, r.end_time))
     for day, spans in by_day.items():
         spans.sort()
-        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert s2 >= e1, f"two runs of {day} overlapped: {spans}"
     assert Counter({d: len(s) for d, s in by_day.items()}) == Counter({today: 4, yesterday: 2, daybefore: 1})
     spans = sorted((s, e, d) for d, ss in by_day.items() for s, e in ss)
@@ -165,7 +165,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
     assert len(set(meta.column("filePath").to_pylist())) == meta.num_rows
     assert sorted(meta.column("filePath").to_pylist()) == sorted(map(str, process))
     silver = tables["ImagingMetastore"]
-    keys = list(zip(*(silver.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem"))))
+    keys = list(zip(*(silver.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem")), strict=False))
     assert len(keys) == len(set(keys)) == expected["instances"]
     for name, key, n in (
         ("silver_ImagingStudy", "id", expected["studies"]),
@@ -246,7 +246,7 @@ def test_two_processes_writing_different_days_to_the_same_tables(tmp_path: Path)
     time.sleep(2.0)  # both imported and waiting
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0, err.decode()[-3000:]
     waits = sum(json.loads(out)["waits"] for out, _err in outs)
 
@@ -294,7 +294,7 @@ def test_a_partitions_checks_pass_while_another_day_is_half_written(tmp_path: Pa
 
     lake = LakePaths.of(tmp_path / "lake").ensure()
     yesterday, today = _day(1), today_key()
-    start = datetime.strptime(yesterday, "%Y/%m/%d").replace(tzinfo=timezone.utc).timestamp()
+    start = datetime.strptime(yesterday, "%Y/%m/%d").replace(tzinfo=UTC).timestamp()
     _write_study(lake.ingest_root / "clinic", "old", series=1, per_series=2, mtime=start + 3600)
     _write_study(lake.ingest_root / "clinic", "new", series=2, per_series=1, mtime=time.time() - 60)
     settings = Settings(lake=str(lake.root), settle_seconds=0, workers=1)

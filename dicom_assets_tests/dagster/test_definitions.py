@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import dagster as dg
 
 from dicom_assets.definitions import defs
@@ -30,9 +32,9 @@ def test_definitions_load_with_every_asset_partitioned_by_day() -> None:
 
 
 def test_partition_keys_are_yyyy_mm_dd() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    keys = daily_partitions.get_partition_keys(current_time=datetime(2026, 1, 3, 12, tzinfo=timezone.utc))
+    keys = daily_partitions.get_partition_keys(current_time=datetime(2026, 1, 3, 12, tzinfo=UTC))
     assert keys[-1] == "2026/01/03"  # today's partition exists (end_offset=1)
     assert "2026/01/01" in keys
 

@@ -10,7 +10,7 @@ import io
 import os
 import zipfile
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -22,7 +22,12 @@ from dicom_assets.lake import delta
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.runner import materialize_partition
 from dicom_assets.sample import generate_sample
-from dicom_assets_tests.core.test_omop_concepts import DICOM_CT, SNOMED_CHEST, SNOMED_CT_PROCEDURE, write_athena_vocabulary
+from dicom_assets_tests.core.test_omop_concepts import (
+    DICOM_CT,
+    SNOMED_CHEST,
+    SNOMED_CT_PROCEDURE,
+    write_athena_vocabulary,
+)
 
 pytestmark = pytest.mark.xdist_group("gold")
 
@@ -117,7 +122,7 @@ def test_ids_survive_rematerialising_and_more_data(gold_lake: dict) -> None:
     assert again == before
     # More data on another day (arrived yesterday): old ids unchanged, new series get new ids.
     generate_sample(lake.root, "small", seed=1)
-    yesterday = datetime.now(timezone.utc) - timedelta(days=1)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
     for p in lake.ingest_root.rglob("*"):
         os.utime(p, (yesterday.timestamp(), yesterday.timestamp()))
     assert materialize_partition(settings, partition=yesterday.strftime("%Y/%m/%d"), progress=False)["success"]

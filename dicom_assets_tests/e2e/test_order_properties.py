@@ -27,7 +27,7 @@ import json
 import os
 import re
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from dicom_assets_tests.e2e import lakestate
 
 pytestmark = pytest.mark.xdist_group("order_properties")
 
-TODAY = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 #: Three arrival days before today (backfills are runs of these in any order).
 DAYS = [(TODAY - timedelta(days=k)).strftime("%Y/%m/%d") for k in (3, 2, 1)]
 DAY_FOLDER = re.compile(r"/\d{4}/\d{2}/\d{2}/")
@@ -93,7 +93,7 @@ def _ephemeral_instance(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _day_start(day: str) -> float:
-    return datetime.strptime(day, "%Y/%m/%d").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(day, "%Y/%m/%d").replace(tzinfo=UTC).timestamp()
 
 
 def drop(lake: Path, src: Path, copy: int, day: str, second: int) -> None:
@@ -114,7 +114,7 @@ def _id_keys(paths: LakePaths) -> dict[str, dict[int, str]]:
     out = {}
     for kind in ("image_occurrence", "person", "procedure_occurrence"):
         t = delta.read(paths.table_uri(f"_idmap_{kind}"), TABLE_SCHEMAS[f"_idmap_{kind}"])
-        out[kind] = dict(zip(t.column("id").to_pylist(), t.column("key").to_pylist()))
+        out[kind] = dict(zip(t.column("id").to_pylist(), t.column("key").to_pylist(), strict=False))
     return out
 
 
@@ -165,7 +165,7 @@ def histories(draw: st.DrawFn, n_sources: int) -> tuple[list[Drop], list[tuple[s
 def _finish(lake: Path) -> None:
     """Run the day of every file still in Ingest, so everything dropped gets processed."""
     left = [p for p in LakePaths.of(lake).ingest_root.rglob("*") if p.is_file()]
-    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y/%m/%d") for p in left})
+    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, UTC).strftime("%Y/%m/%d") for p in left})
     for day in days:
         run(lake, day)
 
@@ -255,5 +255,5 @@ def test_study_split_over_two_days_is_one_complete_row(sources: list[Path], tmp_
     assert _series_instances(row) == by_series
     assert (row["numberOfSeries"], row["numberOfInstances"]) == (2, 4)
     io = delta.read(LakePaths.of(lake).table_uri("image_occurrence"), TABLE_SCHEMAS["image_occurrence"])
-    got = sorted(s for s, u in zip(io.column("image_series_uid").to_pylist(), io.column("image_study_uid").to_pylist()) if u == MULTI_STUDY)
+    got = sorted(s for s, u in zip(io.column("image_series_uid").to_pylist(), io.column("image_study_uid").to_pylist(), strict=False) if u == MULTI_STUDY)
     assert got == sorted(MULTI_SERIES)

@@ -1,0 +1,271 @@
+"""The organise step's intent journal: plans written before anything moves, rolled forward after a crash.
+
+A *plan* (a batch of plain files, or one ZIP) lists every step: source,
+target, expected SHA-256, source stat, and the record to write (landed
+journal line or ``.error.json``). :func:`run_plan` writes it durably to
+``_state/organise/intents`` before acting; :func:`execute` brings each step
+to "target in place, source gone" idempotently, so :func:`recover` can roll
+any leftover plan forward after a kill -9. See :mod:`dicom_assets.lake.organise`
+for the rules that decide what a plan holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_assets.config import Settings
+from dicom_assets.lake import fileops
+from dicom_assets.lake.discover import IngestItem, LandedFile, append_landed, load_landed
+from dicom_assets.lake.failures import FailedFile, error_json_for, error_record, write_error_json
+from dicom_assets.lake.paths import LakePaths
+
+log = logging.getLogger("dicom_assets.lake.organise")
+STAGE = "organise"
+
+
+def _crash_point(name: str) -> None:
+    # Looked up at call time so a test harness can patch fileops.crash_point.
+    fileops.crash_point(name)
+
+
+@dataclass
+class OrganiseRun:
+    paths: LakePaths
+    settings: Settings
+    day: str
+    landed: list[LandedFile] = field(default_factory=list)
+    failed: list[FailedFile] = field(default_factory=list)
+    ignored: int = 0
+    unsettled: int = 0
+    skipped_members: int = 0
+    deferred: int = 0
+    recovered: int = 0
+    last_us: int = 0
+    #: Sources held by a plan kept for retry: not planned twice.
+    pending: set[str] = field(default_factory=set)
+    staging_in_use: set[str] = field(default_factory=set)
+
+    @property
+    def state(self) -> Path:
+        return self.paths.state_dir / "organise"
+
+    def epoch(self) -> str:
+        """Unix time in microseconds, strictly increasing within the run."""
+        self.last_us = max(time.time_ns() // 1000, self.last_us + 1)
+        return f"{self.last_us // 1_000_000}.{self.last_us % 1_000_000:06d}"
+
+    def target(self, base: Path, sub: tuple[str, ...], name: str) -> Path:
+        # "<10-digit seconds>.<6 digits>_" takes 18 bytes of the name budget.
+        safe = fileops.fit_name(fileops.safe_component(name), fileops.MAX_NAME_BYTES - 18)
+        folder = base.joinpath(*sub)
+        while True:
+            t = folder / f"{self.epoch()}_{safe}"
+            if not os.path.lexists(t):
+                return t
+
+
+def _plan_path(run: OrganiseRun) -> Path:
+    return run.state / "intents" / f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
+
+
+def plan_step(
+    run: OrganiseRun,
+    op: str,
+    src: Path,
+    stat_key: list[int] | None,
+    *,
+    ns: str,
+    sub: tuple[str, ...],
+    name: str,
+    original: str,
+    size: int,
+    sha: str | None,
+    mtime: float = 0.0,
+    error: tuple[str, str] = ("", ""),
+) -> dict[str, Any]:
+    """One plan step: ``op`` is ``land`` (to Process) or ``fail`` (to Failed, ``error`` = class, message)."""
+    base = run.paths.process_dir(ns, run.day) if op == "land" else run.paths.failed_dir(ns, run.day)
+    dst = run.target(base, sub, name)
+    if op == "land":
+        record = LandedFile(str(dst), original, ns, sha, size, mtime, run.day).to_json(run.paths)
+    else:
+        record = error_record(
+            run.paths,
+            failed_path=dst,
+            original_path=original,
+            ns=ns,
+            day=run.day,
+            stage=STAGE,
+            error_class=error[0],
+            message=error[1],
+            size=size,
+            sha256=sha,
+        )
+    return {"op": op, "src": str(src), "dst": str(dst), "stat": stat_key, "sha": sha, "record": record}
+
+
+def item_step(
+    run: OrganiseRun, item: IngestItem, op: str, sha: str | None, error: tuple[str, str] = ("", "")
+) -> dict[str, Any]:
+    """:func:`plan_step` for a file found in Ingest (its stat is checked again before it moves)."""
+    return plan_step(
+        run,
+        op,
+        item.path,
+        item.stat_key(),
+        ns=item.ns,
+        sub=item.sub,
+        name=os.fsdecode(item.path.name),
+        original=fileops.display_path(item.path),
+        size=item.size,
+        sha=sha,
+        mtime=item.mtime,
+        error=error,
+    )
+
+
+def same_stat(src: Path, key: list[int] | None) -> bool:
+    """True when ``src`` still has the (size, mtime_ns, inode) a plan recorded (``None``: not checked)."""
+    if key is None:
+        return True
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return False
+    return [st.st_size, st.st_mtime_ns, st.st_ino] == key
+
+
+def _do_step(step: dict[str, Any], sync: set[Path]) -> bool:
+    """Bring one step to 'target in place, source gone'. False when it cannot (see module doc)."""
+    src, dst = Path(step["src"]), Path(step["dst"])
+    src_there, dst_there = os.path.lexists(src), os.path.lexists(dst)
+    if dst_there and not src_there:
+        return True
+    if dst_there:
+        same = os.path.islink(dst) if step["sha"] is None else fileops.sha256_file(dst) == step["sha"]
+        if not same and step["sha"] is None:
+            same = os.lstat(dst).st_size == os.lstat(src).st_size
+        if not same:
+            log.error("organise: %s exists with other content; %s left in place", dst, src)
+            return False
+        os.unlink(src)
+        sync.add(src.parent)
+        return True
+    if not src_there:
+        log.error("organise: neither %s nor %s exists", src, dst)
+        return False
+    if not same_stat(src, step["stat"]):
+        return False  # changed since the plan was made: the next scan decides again
+    fileops.remove_quietly(fileops.part_path(dst))
+    fileops.durable_move(src, dst, expect_sha256=step["sha"], sync_dirs=sync)
+    return True
+
+
+def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
+    """Do every step, sync folders, write records, delete a fully landed ZIP, then remove the intent."""
+    sync: set[Path] = set()
+    done: list[dict[str, Any]] = []
+    retry = False
+    for step in plan["steps"]:
+        try:
+            ok = _do_step(step, sync)
+        except OSError as exc:
+            log.warning("organise: could not move %s: %s", fileops.display_path(step["src"]), exc.strerror)
+            ok, retry = False, True
+        _crash_point("organise:step")
+        if ok:
+            done.append(step)
+    fileops.sync_all(sync)
+    _crash_point("organise:synced")
+    for step in done:
+        if step["op"] == "fail":
+            run.failed.append(write_error_json(run.paths, error_json_for(Path(step["dst"])), step["record"]))
+    landed = [LandedFile.from_json(run.paths, s["record"]) for s in done if s["op"] == "land"]
+    append_landed(run.paths, _not_yet_journalled(run.paths, landed) if plan.get("recovering") else landed)
+    run.landed.extend(landed)
+    _crash_point("organise:recorded")
+    if retry:
+        # An I/O error (disk full, permissions): keep the plan so the next run
+        # finishes it; its sources are not planned again meanwhile.
+        plan["recovering"] = True
+        plan["steps"] = [s for s in plan["steps"] if s not in done]  # the done ones are recorded
+        fileops.atomic_write_json(plan_file, plan)
+        run.pending.update(_plan_sources(plan))
+        if plan.get("staging"):
+            run.staging_in_use.add(plan["staging"])
+        run.deferred += len(plan["steps"])
+        return
+    z = plan.get("zip")
+    if z and len(done) == len(plan["steps"]) and same_stat(Path(z["src"]), z["stat"]):
+        os.unlink(z["src"])
+        fileops.fsync_dir(Path(z["src"]).parent)
+        _crash_point("organise:zip_deleted")
+    elif z and os.path.lexists(z["src"]) and len(done) != len(plan["steps"]):
+        log.error("organise: ZIP %s kept: not every member landed", fileops.display_path(z["src"]))
+    os.unlink(plan_file)
+    if plan.get("staging"):
+        shutil.rmtree(plan["staging"], ignore_errors=True)
+
+
+def _plan_sources(plan: dict[str, Any]) -> set[str]:
+    out = {s["src"] for s in plan["steps"]}
+    if plan.get("zip"):
+        out.add(plan["zip"]["src"])
+    return out
+
+
+def _not_yet_journalled(paths: LakePaths, landed: list[LandedFile]) -> list[LandedFile]:
+    out = []
+    cache: dict[tuple[str, str], Any] = {}
+    for rec in landed:
+        key = (rec.source_system, rec.ingest_date)
+        if key not in cache:
+            cache[key] = load_landed(paths, *key)
+        if rec.process_path not in cache[key]:
+            out.append(rec)
+    return out
+
+
+def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> None:
+    """Write the plan durably, then execute it (``zip``/``staging`` in ``extra`` for an archive)."""
+    if not steps and not extra.get("zip"):
+        return
+    plan = {"steps": steps, **extra}
+    plan_file = _plan_path(run)
+    fileops.atomic_write_json(plan_file, plan)
+    _crash_point("organise:intent")
+    execute(run, plan, plan_file)
+
+
+def recover(run: OrganiseRun) -> None:
+    """Roll every leftover intent forward, then drop staging folders no kept plan refers to."""
+    intents = run.state / "intents"
+    if intents.is_dir():
+        for f in sorted(intents.iterdir()):
+            if f.name.startswith("."):
+                f.unlink()  # a torn intent write: nothing was acted on yet
+                continue
+            try:
+                plan = fileops.read_json(f)
+            except ValueError as exc:
+                # Cannot happen with atomic writes short of disk corruption; guessing could duplicate files.
+                raise RuntimeError(f"organise: intent {f} is unreadable; inspect it, then remove it") from exc
+            plan["recovering"] = True
+            log.warning("organise: rolling forward interrupted plan %s", f.name)
+            execute(run, plan, f)
+            run.recovered += 1
+    # Staging folders of kept plans are still referenced; any other is a
+    # half-done extraction whose ZIP is still in Ingest.
+    keep = {Path(p).name for p in run.staging_in_use}
+    staging = run.state / "staging"
+    if staging.is_dir():
+        for d in staging.iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
