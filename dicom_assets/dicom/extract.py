@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from dicom_assets.dicom.budget import Budget, FileTooLarge, ReadLimits, alarm, alarm_handler_installed
-from dicom_assets.dicom.compress import read_single_member, replace_with_zip
+from dicom_assets.dicom.compress import CompressionBatch, read_single_member
 from dicom_assets.dicom.promote import DICOMDIR_SOP_CLASS, promoted_columns
 from dicom_assets.dicom.records import DicomReadError, ExtractTask
 from dicom_assets.dicom.walker import Buffer, walk
@@ -186,18 +186,22 @@ def extract_batch(
     limits = limits or ReadLimits()
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    with alarm_handler_installed() as alarm_enabled:
-        for task in tasks:
-            row, failure = _extract_one(task, bulk_data_threshold, now, limits, alarm_enabled)
-            if row is not None:
-                rows.append(row)
-            if failure is not None:
-                failures.append(failure)
+    zips = CompressionBatch()
+    try:
+        with alarm_handler_installed() as alarm_enabled:
+            for task in tasks:
+                row, failure = _extract_one(task, bulk_data_threshold, now, limits, alarm_enabled, zips)
+                if row is not None:
+                    rows.append(row)
+                if failure is not None:
+                    failures.append(failure)
+    finally:
+        zips.finish()
     return rows, failures
 
 
 def _extract_one(
-    task: ExtractTask, threshold: int, now: datetime, limits: ReadLimits, alarm_enabled: bool
+    task: ExtractTask, threshold: int, now: datetime, limits: ReadLimits, alarm_enabled: bool, zips: CompressionBatch
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(row, None) or (None, failure record) for one task."""
     data: Buffer | None = None
@@ -213,7 +217,7 @@ def _extract_one(
             )
         if compress:
             stage = "compress"
-            replace_with_zip(task.path, task.file_path, data, mtime=task.source_modified_at)
+            zips.add(task.path, task.file_path, data, mtime=task.source_modified_at)
     except DicomReadError as exc:
         size = exc.size if isinstance(exc, FileTooLarge) else None
         return None, _failure(task, read_path, stage, exc.error_class, exc.message, data, now, size)

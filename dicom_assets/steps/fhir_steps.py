@@ -19,6 +19,8 @@ from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA, SILVER_IMAGING
 from dicom_assets.steps.silver import study_instances, touched_studies
 
 MAX_PER_FILE = 1000
+#: Studies whose silver instances are held in memory at once.
+STUDIES_PER_READ = 500
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,23 @@ def build_resources(paths: LakePaths, day: str) -> tuple[dict[str, list[dict[str
     writer: nothing invalid is written) without holding back the others.
     """
     studies = touched_studies(paths, day)
-    inst = study_instances(paths, studies)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in inst.to_pylist():
-        groups[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     errors: dict[str, str] = {}
-    for (ns, uid), rows in sorted(groups.items()):
-        last = max(r["msftModifiedDatetime"] for r in rows)
-        try:
-            res = mapping.build_imaging_study(rows, namespace=ns, last_updated=last)
-            validate.validate_imaging_study(res, namespace=ns)
-        except ValueError as exc:
-            errors[uid] = str(exc)[:300]  # messages name UIDs and fields, never values
-            continue
-        out[ns].append(res)
+    # A few hundred studies at a time: their instance rows (every tag) are the
+    # big objects here; the resources themselves are small.
+    for start in range(0, len(studies), STUDIES_PER_READ):
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for row in study_instances(paths, studies[start : start + STUDIES_PER_READ]).to_pylist():
+            groups[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
+        for (ns, uid), rows in sorted(groups.items()):
+            last = max(r["msftModifiedDatetime"] for r in rows)
+            try:
+                res = mapping.build_imaging_study(rows, namespace=ns, last_updated=last)
+                validate.validate_imaging_study(res, namespace=ns)
+            except ValueError as exc:
+                errors[uid] = str(exc)[:300]  # messages name UIDs and fields, never values
+                continue
+            out[ns].append(res)
     for ns in out:
         out[ns].sort(key=lambda r: r["id"])
     return dict(out), errors

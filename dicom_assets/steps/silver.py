@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ import pyarrow.compute as pc
 
 from dicom_assets.fhir.identity import imaging_study_id
 from dicom_assets.lake import delta
+from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import METASTORE_SCHEMA, SILVER_METASTORE_SCHEMA
 
@@ -100,29 +102,70 @@ def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
     return delta.conform(pa.table(cols), SILVER_METASTORE_SCHEMA)
 
 
+#: Bronze rows handled per merge round: bounds memory whatever the day's size.
+CHUNK_ROWS = 20_000
+
+
+def _chunks(paths: LakePaths, day: str) -> Iterator[pa.Table]:
+    """The day's bronze rows, whole data files at a time, about :data:`CHUNK_ROWS` per chunk."""
+    held: list[pa.Table] = []
+    rows = 0
+    for part in delta.iter_read(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, where={"ingestDate": day}):
+        held.append(part)
+        rows += part.num_rows
+        if rows >= CHUNK_ROWS:
+            yield pa.concat_tables(held)
+            held, rows = [], 0
+    if held:
+        yield pa.concat_tables(held)
+
+
+def _existing_keys(paths: LakePaths, silver: pa.Table) -> set[tuple[Any, ...]]:
+    """Instance keys of ``silver``'s rows that the silver table already holds (key columns only are read)."""
+    uids = sorted(set(silver.column("studyInstanceUid").to_pylist()))
+    t = delta.read_in(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=list(INSTANCE_KEY))
+    return set(zip(*(t.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
+
+
 def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverResult:
-    """Asset 3: dedupe the day's bronze rows and merge them into silver on the instance key."""
+    """Asset 3: dedupe the day's bronze rows and merge them into silver on the instance key.
+
+    The day is handled in chunks of whole data files (memory stays bounded on
+    a 100,000-file day). Per chunk, :func:`pick_latest` keeps one row per key;
+    rows whose key silver does not hold yet are appended (no scan of the
+    table), the others are merged with :data:`NEWER`, keeping
+    ``msftCreatedDatetime``. Since :data:`NEWER` is a total order, chunk after
+    chunk ends where one merge of the whole day would. The section holds the
+    ``silver_instances`` lake lock, so no other run appends the same new key
+    between the lookup and the commit.
+    """
     now = now or datetime.now(UTC)
-    bronze = delta.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day)
-    latest = pick_latest(bronze)
-    silver = to_silver(latest, now)
+    uri = paths.table_uri("ImagingMetastore")
     update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_METASTORE_SCHEMA if f.name != "msftCreatedDatetime"}
-    metrics = delta.merge(
-        paths.table_uri("ImagingMetastore"),
-        silver,
-        SILVER_METASTORE_SCHEMA,
-        keys=INSTANCE_KEY,
-        update_predicate=NEWER,
-        update_columns=update_cols,
-    )
-    studies = sorted({(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist(), strict=False) if b})
-    return SilverResult(
-        bronze_rows=bronze.num_rows,
-        instances=silver.num_rows,
-        inserted=int(metrics.get("num_target_rows_inserted", 0)),
-        updated=int(metrics.get("num_target_rows_updated", 0)),
-        studies=studies,
-    )
+    bronze_rows = inserted = updated = 0
+    studies: set[tuple[str, str]] = set()
+    keys: set[tuple[Any, ...]] = set()
+    delta.ensure_table(uri, SILVER_METASTORE_SCHEMA)
+    with lake_lock(paths.state_dir, "silver_instances"):
+        for bronze in _chunks(paths, day):
+            silver = to_silver(pick_latest(bronze), now)
+            bronze_rows += bronze.num_rows
+            studies |= {(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist(), strict=True) if b}
+            known = _existing_keys(paths, silver)
+            chunk_keys = list(zip(*(silver.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
+            keys.update(chunk_keys)
+            is_new = pa.array([k not in known for k in chunk_keys], pa.bool_())
+            fresh, seen = silver.filter(is_new), silver.filter(pc.invert(is_new))
+            if fresh.num_rows:
+                delta.append(uri, fresh, SILVER_METASTORE_SCHEMA)
+                inserted += fresh.num_rows
+            if seen.num_rows:
+                metrics = delta.merge(
+                    uri, seen, SILVER_METASTORE_SCHEMA, keys=INSTANCE_KEY, update_predicate=NEWER, update_columns=update_cols
+                )
+                inserted += int(metrics.get("num_target_rows_inserted", 0))
+                updated += int(metrics.get("num_target_rows_updated", 0))
+    return SilverResult(bronze_rows=bronze_rows, instances=len(keys), inserted=inserted, updated=updated, studies=sorted(studies))
 
 
 def study_instances(paths: LakePaths, studies: list[tuple[str, str]], columns: list[str] | None = None) -> pa.Table:

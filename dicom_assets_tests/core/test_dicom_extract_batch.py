@@ -16,6 +16,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+import dicom_assets.dicom.compress as compress_mod
 import dicom_assets.dicom.extract as extract_mod
 from dicom_assets.dicom.extract import extract_batch, extract_batch_arrow
 from dicom_assets.dicom.records import ExtractTask
@@ -175,7 +176,7 @@ def test_compression_failure_keeps_the_original(tmp_path: Path, monkeypatch: pyt
     def disk_full(*a: Any, **kw: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(extract_mod, "replace_with_zip", disk_full)
+    monkeypatch.setattr(compress_mod, "write_zip_durably", disk_full)
     rows, failures = extract_batch([task(f, compress=True)], now=NOW)
     assert rows == []
     assert failures[0]["stage"] == "compress" and failures[0]["errorClass"] == "Unreadable"
@@ -208,6 +209,27 @@ def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     extract_batch([task(f, compress=True)], now=NOW)
     assert calls.index("fsync") < calls.index("replace") < calls.index("unlink")
     assert "fsync" in calls[calls.index("replace") : calls.index("unlink")], "directory fsync after rename"
+
+
+def test_a_batch_syncs_each_folder_once_per_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ZIP renamed and its folder synced before any original is unlinked; 2 folder fsyncs, not 2 per file."""
+    calls: list[str] = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "unlink", lambda p: (calls.append("unlink"), real_unlink(p))[1])
+    files = []
+    for i in range(5):
+        f = tmp_path / f"b{i}.dcm"
+        f.write_bytes(dicom_bytes())
+        files.append(f)
+    rows, failures = extract_batch([task(f, compress=True) for f in files], now=NOW)
+    assert len(rows) == 5 and failures == []
+    last_replace = max(i for i, c in enumerate(calls) if c == "replace")
+    first_unlink = calls.index("unlink")
+    assert last_replace < first_unlink and "fsync" in calls[last_replace:first_unlink]
+    assert calls.count("fsync") == 5 + 2  # one per ZIP's data, the folder before and after the unlinks
+    assert all(not f.exists() and Path(str(f) + ".zip").exists() for f in files)
 
 
 def test_big_files_are_memory_mapped_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

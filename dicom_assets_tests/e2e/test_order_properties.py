@@ -43,6 +43,7 @@ from dicom_assets.lake import delta
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.runner import materialize_partition
+from dicom_assets.steps import silver as silver_steps
 from dicom_assets_tests.e2e import lakestate
 
 pytestmark = pytest.mark.xdist_group("order_properties")
@@ -214,6 +215,24 @@ def test_same_bytes_dropped_under_two_names_keep_one_lineage_whatever_the_order(
     got, want = order_free_tables(late_first), order_free_tables(together)
     assert got == want
     assert "/copy0/" in want["ImagingMetastore"][0] and "/copy1/" not in want["ImagingMetastore"][0]
+
+
+def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silver merges a big day in chunks; with one data file per chunk (duplicates land in other
+    chunks, some newer, some older) the tables equal those of a single merge of the day."""
+    lakes = {}
+    for name, chunk in (("one_merge", 10**9), ("chunked", 1)):
+        lake = tmp_path / name
+        for i, src in enumerate(sources):
+            drop(lake, src, 0, DAYS[0], second=i)
+        for i, src in enumerate(sources[:4]):
+            drop(lake, src, 1, DAYS[0], second=100 + i)  # the same instances again, later: these win
+            drop(lake, src, 2, DAYS[0], second=i)  # and the same bytes, same time, larger path: these lose
+        monkeypatch.setattr(silver_steps, "CHUNK_ROWS", chunk)
+        run(lake, DAYS[0])
+        lakes[name] = order_free_tables(lake)
+    assert lakes["chunked"] == lakes["one_merge"]
+    assert sum("/copy1/" in r for r in lakes["one_merge"]["ImagingMetastore"]) == 4
 
 
 # ----------------------------------------------------------------------------- split study

@@ -76,7 +76,7 @@ fragment md on MetadataEntry {
 """
 ASSETS_QUERY = METADATA + """
 { assetNodes(loadMaterializations: true) {
-    assetKey { path } description
+    assetKey { path } description isPartitioned partitionKeys
     assetMaterializations(limit: 50) { runId partition message description label metadataEntries { ...md } }
     assetChecksOrError { ... on AssetChecks { checks { name description
       executionForLatestMaterialization { status evaluation { description metadataEntries { ...md } } } } } }
@@ -291,6 +291,21 @@ def test_no_phi_outside_the_tables(phi_run: dict[str, Any]) -> None:
         col = [c.strip() for c in lines[0]].index("patientName")
         cells = [row[col].strip() for row in lines[2:]]
         assert cells and all(c in (MASK, "") for c in cells) and MASK in cells, md
+
+
+def test_the_ui_lists_every_asset_with_day_partitions(phi_run: dict[str, Any]) -> None:
+    """What the web UI shows: the project's assets, each partitioned by ``yyyy/mm/dd``, today materialised."""
+    nodes = phi_run["answers"]["assets"]["assetNodes"]
+    keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+    assert {
+        "bronze/dicom_files", "bronze/dicomimagingmetastore", "silver/ImagingMetastore", "bronze/ImagingStudy_ndjson",
+        "bronze/ImagingStudy", "silver/ImagingStudy", "gold/image_occurrence", "gold/procedure_occurrence",
+    } <= keys, keys
+    for n in nodes:
+        assert n["isPartitioned"], n["assetKey"]
+        assert n["partitionKeys"][0] == "2020/01/01" and DAY in n["partitionKeys"], n["assetKey"]
+        assert all(re.fullmatch(r"\d{4}/\d{2}/\d{2}", k) for k in n["partitionKeys"])
+        assert {m["partition"] for m in n["assetMaterializations"]} == {DAY}, n["assetKey"]
 
 
 def test_the_web_ui_binds_to_localhost_in_make_and_docs() -> None:
