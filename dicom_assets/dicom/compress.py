@@ -22,9 +22,14 @@ import mmap
 import os
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["write_zip_durably", "read_single_member", "replace_with_zip", "CompressionBatch", "ZIP_COMPRESSLEVEL"]
+
+#: Writer threads per reading process, and the bytes they may hold unwritten.
+WRITER_THREADS = 2
+MAX_INFLIGHT_BYTES = 256 << 20
 
 #: Deflate level 1: pixel data gains little from higher levels and costs much more CPU.
 ZIP_COMPRESSLEVEL = 1
@@ -98,34 +103,74 @@ def replace_with_zip(path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime
 
 
 class CompressionBatch:
-    """Replace many read files by their ZIPs with one folder fsync per folder and phase.
+    """Replace many read files by their ZIPs: writes overlap the reading, folders are synced once.
 
-    :meth:`add` writes each ZIP durably (its data fsynced, renamed into
-    place); :meth:`finish` fsyncs the touched folders so every rename is
-    durable, only then unlinks the originals, and fsyncs the folders again.
+    :meth:`add` hands each file's bytes to a few writer threads (zlib and
+    fsync release the GIL, so the next file is parsed meanwhile) which write
+    each ZIP durably (data fsynced, renamed into place). :meth:`finish` waits
+    for them, fsyncs the touched folders so every rename is durable, only then
+    unlinks the originals of the ZIPs written, and fsyncs the folders again.
+    Memory-mapped (big) files are written at once, in the caller's thread.
     """
 
-    def __init__(self) -> None:
-        self._originals: list[str] = []
-        self._folders: set[str] = set()
+    def __init__(self, threads: int = WRITER_THREADS, max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicom-zip") if threads > 0 else None
+        self._max_inflight = max_inflight_bytes
+        self._pending: list[tuple[int, str, str, Future[None], int]] = []
+        self._inflight = 0
+        self._written: list[tuple[str, str]] = []
+        self._failed: dict[int, BaseException] = {}
 
-    def add(self, path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime: float | None = None) -> None:
-        """Compress the already-read ``data`` of ``path`` into ``zip_path``; ``path`` goes at :meth:`finish`."""
-        write_zip_durably(data, Path(path).name, zip_path, mtime=mtime, sync_folder=False)
-        self._originals.append(path)
-        self._folders.add(os.path.dirname(os.path.abspath(zip_path)))
-        self._folders.add(os.path.dirname(os.path.abspath(path)))
+    def add(
+        self, key: int, path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime: float | None = None
+    ) -> None:
+        """Compress the already-read ``data`` of ``path`` into ``zip_path``; ``path`` goes at :meth:`finish`.
 
-    def finish(self) -> None:
-        """Make every ZIP durable in its folder, then remove the originals (idempotent)."""
-        for folder in sorted(self._folders):
+        A failure of a file written at once raises here; one of a file handed
+        to a writer thread is reported by :meth:`finish` under ``key``.
+        """
+        member = Path(path).name
+        if self._pool is None or not isinstance(data, bytes):
+            write_zip_durably(data, member, zip_path, mtime=mtime, sync_folder=False)
+            self._written.append((path, zip_path))
+            return
+        fut = self._pool.submit(write_zip_durably, data, member, zip_path, mtime=mtime, sync_folder=False)
+        self._pending.append((key, path, zip_path, fut, len(data)))
+        self._inflight += len(data)
+        while self._inflight > self._max_inflight and self._pending:
+            self._settle(self._pending.pop(0))
+
+    def _settle(self, item: tuple[int, str, str, Future[None], int]) -> None:
+        key, path, zip_path, fut, size = item
+        self._inflight -= size
+        exc = fut.exception()
+        if exc is None:
+            self._written.append((path, zip_path))
+        else:
+            self._failed[key] = exc
+
+    def finish(self) -> dict[int, BaseException]:
+        """Wait for the writers, make every ZIP durable in its folder, then remove the originals.
+
+        Returns the files whose ZIP could not be written, by ``key``; those
+        originals stay in place. Idempotent; the batch can be reused after.
+        """
+        while self._pending:
+            self._settle(self._pending.pop(0))
+        folders = sorted({os.path.dirname(os.path.abspath(p)) for pair in self._written for p in pair})
+        for folder in folders:
             _fsync_dir(folder)
-        for path in self._originals:
+        for path, _zip in self._written:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        for folder in sorted(self._folders):
+        for folder in folders:
             _fsync_dir(folder)
-        self._originals.clear()
-        self._folders.clear()
+        failed, self._failed, self._written = self._failed, {}, []
+        return failed
+
+    def close(self) -> None:
+        """Stop the writer threads (after :meth:`finish`)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

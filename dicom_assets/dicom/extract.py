@@ -187,21 +187,48 @@ def extract_batch(
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     zips = CompressionBatch()
+    row_of: dict[int, int] = {}
     try:
         with alarm_handler_installed() as alarm_enabled:
-            for task in tasks:
-                row, failure = _extract_one(task, bulk_data_threshold, now, limits, alarm_enabled, zips)
+            for i, task in enumerate(tasks):
+                row, failure = _extract_one(task, bulk_data_threshold, now, limits, alarm_enabled, zips, i)
                 if row is not None:
+                    row_of[i] = len(rows)
                     rows.append(row)
                 if failure is not None:
                     failures.append(failure)
     finally:
-        zips.finish()
+        unwritten = zips.finish()
+        zips.close()
+    if unwritten:
+        # The file read fine but its ZIP could not be written: a failure of
+        # stage "compress"; the original stays where it was.
+        for i, exc in unwritten.items():
+            row = rows[row_of[i]]
+            error_class, message = _safe_message(exc)
+            failures.append(
+                {
+                    **{k: row[k] for k in ("originalPath", "sourceSystem", "ingestDate", "fileSize", "contentSha256")},
+                    "filePath": _text(tasks[i].path),
+                    "stage": "compress",
+                    "errorClass": error_class,
+                    "message": message,
+                    "detectedAt": now,
+                }
+            )
+        dropped = {row_of[i] for i in unwritten}
+        rows = [r for k, r in enumerate(rows) if k not in dropped]
     return rows, failures
 
 
 def _extract_one(
-    task: ExtractTask, threshold: int, now: datetime, limits: ReadLimits, alarm_enabled: bool, zips: CompressionBatch
+    task: ExtractTask,
+    threshold: int,
+    now: datetime,
+    limits: ReadLimits,
+    alarm_enabled: bool,
+    zips: CompressionBatch,
+    key: int,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(row, None) or (None, failure record) for one task."""
     data: Buffer | None = None
@@ -217,7 +244,7 @@ def _extract_one(
             )
         if compress:
             stage = "compress"
-            zips.add(task.path, task.file_path, data, mtime=task.source_modified_at)
+            zips.add(key, task.path, task.file_path, data, mtime=task.source_modified_at)
     except DicomReadError as exc:
         size = exc.size if isinstance(exc, FileTooLarge) else None
         return None, _failure(task, read_path, stage, exc.error_class, exc.message, data, now, size)

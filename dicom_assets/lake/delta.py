@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from dicom_assets.lake.fileops import crash_point
@@ -122,11 +122,21 @@ def replace_where(uri: str | Path, data: pa.Table, schema: pa.Schema, predicate:
     _commit(uri, lambda: write_deltalake(str(uri), data, mode="overwrite", predicate=predicate))
 
 
-def append(uri: str | Path, data: pa.Table, schema: pa.Schema) -> None:
+def append(
+    uri: str | Path, data: pa.Table, schema: pa.Schema, *, sort_by: Sequence[str] = (), row_group_rows: int | None = None
+) -> None:
+    """Append ``data`` in one commit, optionally sorted and cut into row groups of ``row_group_rows``.
+
+    Sorted small row groups let :func:`read` fetch the rows of a few keys
+    (say, the instances of the touched studies) without decoding the rest.
+    """
     ensure_table(uri, schema)
     data = conform(data, schema)
+    if sort_by:
+        data = data.sort_by([(c, "ascending") for c in sort_by])
+    props = WriterProperties(max_row_group_size=row_group_rows) if row_group_rows else None
     if data.num_rows:
-        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append"))
+        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append", writer_properties=props))
 
 
 def merge(

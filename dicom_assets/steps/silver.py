@@ -104,6 +104,9 @@ def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
 
 #: Bronze rows handled per merge round: bounds memory whatever the day's size.
 CHUNK_ROWS = 20_000
+#: Appended instances are sorted by key and cut into row groups this small, so
+#: whole-study rebuilds read the row groups of their studies, not whole files.
+SILVER_ROW_GROUP_ROWS = 2_048
 
 
 def _chunks(paths: LakePaths, day: str) -> Iterator[pa.Table]:
@@ -157,7 +160,7 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
             is_new = pa.array([k not in known for k in chunk_keys], pa.bool_())
             fresh, seen = silver.filter(is_new), silver.filter(pc.invert(is_new))
             if fresh.num_rows:
-                delta.append(uri, fresh, SILVER_METASTORE_SCHEMA)
+                delta.append(uri, fresh, SILVER_METASTORE_SCHEMA, sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS)
                 inserted += fresh.num_rows
             if seen.num_rows:
                 metrics = delta.merge(

@@ -1,0 +1,49 @@
+"""The local engine starts its spawn pool only when the work pays for it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dicom_assets.engines.local as local
+from dicom_assets.config import Settings
+from dicom_assets_tests.core.test_dicom_extract_batch import dicom_bytes, task
+
+NOW = datetime(2024, 5, 6, tzinfo=UTC)
+
+
+class PoolStarted(Exception):
+    pass
+
+
+def _no_pool(*_a: Any, **_k: Any) -> None:
+    raise PoolStarted
+
+
+def _tasks(tmp_path: Path, n: int) -> list[Any]:
+    out = []
+    for i in range(n):
+        f = tmp_path / f"f{i}.dcm"
+        f.write_bytes(dicom_bytes(sop=f"1.2.3.4.{i}"))
+        out.append(task(f))
+    return out
+
+
+def test_a_small_day_is_read_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "ProcessPoolExecutor", _no_pool)
+    (tmp_path / "table").mkdir()
+    tasks = _tasks(tmp_path, 5)
+    results = list(local.iter_batches(tasks, Settings(workers=2, batch_size=2), NOW, str(tmp_path / "table")))
+    assert len(results) == 3 and sum(rows for _add, _fails, rows in results) == 5
+
+
+@pytest.mark.parametrize("settings", [Settings(workers=2, batch_size=2, worker_memory_bytes=8 << 30), Settings(workers=2, batch_size=64)])
+def test_a_memory_cap_or_a_big_day_starts_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    monkeypatch.setattr(local, "ProcessPoolExecutor", _no_pool)
+    n = 5 if settings.worker_memory_bytes else local.INLINE_MAX_FILES + 1
+    tasks = [task(tmp_path / f"absent{i}.dcm") for i in range(n)]
+    with pytest.raises(PoolStarted):
+        list(local.iter_batches(tasks, settings, NOW, str(tmp_path)))
