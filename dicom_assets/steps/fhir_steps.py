@@ -20,7 +20,7 @@ from dicom_assets.steps.silver import study_instances, touched_studies
 
 MAX_PER_FILE = 1000
 #: Studies whose silver instances are held in memory at once.
-STUDIES_PER_READ = 500
+STUDIES_PER_READ = 200
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def build_resources(paths: LakePaths, day: str) -> tuple[dict[str, list[dict[str
     studies = touched_studies(paths, day)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     errors: dict[str, str] = {}
-    # A few hundred studies at a time: their instance rows (every tag) are the
+    # A couple of hundred studies at a time: their instance rows (every tag) are the
     # big objects here; the resources themselves are small.
     for start in range(0, len(studies), STUDIES_PER_READ):
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)

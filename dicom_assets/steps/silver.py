@@ -103,7 +103,7 @@ def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
 
 
 #: Bronze rows handled per merge round: bounds memory whatever the day's size.
-CHUNK_ROWS = 20_000
+CHUNK_ROWS = 5_000
 #: Appended instances are sorted by key and cut into row groups this small, so
 #: whole-study rebuilds read the row groups of their studies, not whole files.
 SILVER_ROW_GROUP_ROWS = 2_048
