@@ -564,7 +564,8 @@ def _write(results: dict[str, Any], out: Path, started: float) -> None:
     results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results["targets"] = targets(results)
     tmp = out / "latest.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    # Paths relative to the repository: the results are committed, machine paths are not.
+    tmp.write_text(json.dumps(results, indent=1, default=str).replace(str(ROOT.parent) + "/", "../"))
     tmp.replace(out / "latest.json")
     md = out / "latest.md.tmp"
     md.write_text(render_markdown(results))

@@ -197,13 +197,18 @@ def test_arrow_tables_have_exactly_the_schemas(tmp_path: Path) -> None:
     assert empty_fails.schema == FAILURES_SCHEMA
 
 
+def _record_file_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the fsync/replace/unlink calls made from now on, in order."""
+    calls: list[str] = []
+    for name in ("fsync", "replace", "unlink"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _n=name, _f=real: (calls.append(_n), _f(*a))[1])
+    return calls
+
+
 def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fsync of the zip happens before the rename, and the unlink after it."""
-    calls: list[str] = []
-    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
-    monkeypatch.setattr(os, "unlink", lambda p: (calls.append("unlink"), real_unlink(p))[1])
+    calls = _record_file_ops(monkeypatch)
     f = tmp_path / "i.dcm"
     f.write_bytes(dicom_bytes())
     extract_batch([task(f, compress=True)], now=NOW)
@@ -213,11 +218,7 @@ def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_a_batch_syncs_each_folder_once_per_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ZIP renamed and its folder synced before any original is unlinked; 2 folder fsyncs, not 2 per file."""
-    calls: list[str] = []
-    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
-    monkeypatch.setattr(os, "unlink", lambda p: (calls.append("unlink"), real_unlink(p))[1])
+    calls = _record_file_ops(monkeypatch)
     files = []
     for i in range(5):
         f = tmp_path / f"b{i}.dcm"
