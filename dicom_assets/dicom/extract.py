@@ -205,16 +205,9 @@ def extract_batch(
         # stage "compress"; the original stays where it was.
         for i, exc in unwritten.items():
             row = rows[row_of[i]]
-            error_class, message = _safe_message(exc)
             failures.append(
-                {
-                    **{k: row[k] for k in ("originalPath", "sourceSystem", "ingestDate", "fileSize", "contentSha256")},
-                    "filePath": _text(tasks[i].path),
-                    "stage": "compress",
-                    "errorClass": error_class,
-                    "message": message,
-                    "detectedAt": now,
-                }
+                _failure(tasks[i], tasks[i].path, "compress", *_safe_message(exc), None, now,
+                         size=row["fileSize"], sha256=row["contentSha256"])
             )
         dropped = {row_of[i] for i in unwritten}
         rows = [r for k, r in enumerate(rows) if k not in dropped]
@@ -272,7 +265,9 @@ def _failure(
     data: Buffer | None,
     now: datetime,
     size: int | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
+    """A ``FAILURES_SCHEMA`` record; size and hash from ``data`` when it was read, else as given."""
     return {
         "filePath": _text(read_path),
         "originalPath": _text(task.original_path),
@@ -282,7 +277,7 @@ def _failure(
         "errorClass": error_class,
         "message": message,
         "fileSize": len(data) if data is not None else size,
-        "contentSha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "contentSha256": hashlib.sha256(data).hexdigest() if data is not None else sha256,
         "detectedAt": now,
     }
 

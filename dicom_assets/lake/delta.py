@@ -194,16 +194,11 @@ def read(
     study are read from a 100,000-instance table without decoding the others'
     ``metadata_string``.
     """
-    target = _target(uri, schema, columns)
     parts = [t for t in iter_read(uri, schema, columns=columns, where=where) if t.num_rows]
-    if not parts:
-        return target.empty_table()
-    return pa.concat_tables(parts)
-
-
-def _target(uri: str | Path, schema: pa.Schema | None, columns: Sequence[str] | None) -> pa.Schema:
+    if parts:
+        return pa.concat_tables(parts)
     full = schema if schema is not None else pa.schema(DeltaTable(str(uri)).schema().to_arrow())
-    return pa.schema([full.field(c) for c in columns]) if columns else full
+    return full.empty_table().select(list(columns)) if columns else full.empty_table()
 
 
 def iter_read(
@@ -243,7 +238,7 @@ def iter_read(
             m = pc.is_in(keys.column(c), value_set=values)
             mask = m if mask is None else pc.and_(mask, m)
         assert mask is not None
-        hits = pc.fill_null(mask, False)
+        hits = pc.fill_null(mask, False).combine_chunks()
         if not pc.any(hits).as_py():
             continue
         groups, offset, masks = [], 0, []
@@ -255,7 +250,7 @@ def iter_read(
                 masks.append(piece)
             offset += n
         data = conform(pf.read_row_groups(groups, columns=target.names), target)
-        yield data.filter(pa.chunked_array([c for m in masks for c in (m.chunks if isinstance(m, pa.ChunkedArray) else [m])]))
+        yield data.filter(pa.concat_arrays(masks))
 
 
 def read_day(uri: str | Path, schema: pa.Schema, day: str, *, columns: Sequence[str] | None = None) -> pa.Table:

@@ -30,11 +30,6 @@ log = logging.getLogger("dicom_assets.lake.organise")
 STAGE = "organise"
 
 
-def _crash_point(name: str) -> None:
-    # Looked up at call time so a test harness can patch fileops.crash_point.
-    fileops.crash_point(name)
-
-
 @dataclass
 class OrganiseRun:
     paths: LakePaths
@@ -179,18 +174,18 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
         except OSError as exc:
             log.warning("organise: could not move %s: %s", fileops.display_path(step["src"]), exc.strerror)
             ok, retry = False, True
-        _crash_point("organise:step")
+        fileops.crash_point("organise:step")
         if ok:
             done.append(step)
     fileops.sync_all(sync)
-    _crash_point("organise:synced")
+    fileops.crash_point("organise:synced")
     for step in done:
         if step["op"] == "fail":
             run.failed.append(write_error_json(run.paths, error_json_for(Path(step["dst"])), step["record"]))
     landed = [LandedFile.from_json(run.paths, s["record"]) for s in done if s["op"] == "land"]
     append_landed(run.paths, _not_yet_journalled(run.paths, landed) if plan.get("recovering") else landed)
     run.landed.extend(landed)
-    _crash_point("organise:recorded")
+    fileops.crash_point("organise:recorded")
     if retry:
         # An I/O error (disk full, permissions): keep the plan so the next run
         # finishes it; its sources are not planned again meanwhile.
@@ -206,7 +201,7 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
     if z and len(done) == len(plan["steps"]) and same_stat(Path(z["src"]), z["stat"]):
         os.unlink(z["src"])
         fileops.fsync_dir(Path(z["src"]).parent)
-        _crash_point("organise:zip_deleted")
+        fileops.crash_point("organise:zip_deleted")
     elif z and os.path.lexists(z["src"]) and len(done) != len(plan["steps"]):
         log.error("organise: ZIP %s kept: not every member landed", fileops.display_path(z["src"]))
     os.unlink(plan_file)
@@ -240,7 +235,7 @@ def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> Non
     plan = {"steps": steps, **extra}
     plan_file = _plan_path(run)
     fileops.atomic_write_json(plan_file, plan)
-    _crash_point("organise:intent")
+    fileops.crash_point("organise:intent")
     execute(run, plan, plan_file)
 
 

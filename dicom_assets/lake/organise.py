@@ -64,8 +64,6 @@ from dicom_assets.lake.intents import OrganiseRun, item_step, plan_step, recover
 from dicom_assets.lake.paths import LakePaths
 
 log = logging.getLogger(__name__)
-STAGE = "organise"
-_crash_point = fileops.crash_point
 
 
 @dataclass(frozen=True)
@@ -176,7 +174,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
         run.unsettled += 1
         return
     fileops.fsync_dir(staging)
-    _crash_point("organise:staged")
+    fileops.crash_point("organise:staged")
     steps: list[dict[str, Any]] = []
     for m in kept:
         assert m.staged_path is not None
