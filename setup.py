@@ -20,6 +20,7 @@ setup(
         "pyarrow>=16",
         "pandas>=2.2",
         "fhir.resources==8.3.0",
+        "isal>=1.6",
     ],
     extras_require={
         "spark": [f"dagster-pyspark=={DAGSTER_LIB_VERSION}", "pyspark>=4.0,<5"],

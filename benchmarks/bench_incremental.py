@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +37,8 @@ from benchmarks.bench_memory import measured_child  # noqa: E402
 from benchmarks.bench_pipeline import check_partition, measured_materialize, new_dagster_home  # noqa: E402
 
 STUDY_INSTANCES = 100
+#: Days (before today) of the repeated new-study runs; the profile uses the 2nd.
+REPEAT_DAYS_BACK = (3, 4)
 #: Seeds: the sample's PatientID/AccessionNumber carry ``seed % 100``; keep base and new apart.
 BASE_SEED, NEW_SEED = 1, 50
 
@@ -146,6 +149,18 @@ def run(
         out["study"] = study = new_study(lake, seed=NEW_SEED)
         out["incremental"] = measured_materialize(lake, today, home, instances=STUDY_INSTANCES, timeout=600, log_dir=work)
         check_partition(out["incremental"], rows=STUDY_INSTANCES, failed=0)
+        # Two more new studies, each in a day of its own: one run on a shared
+        # 2-core machine varies by up to a second, so the target takes the median.
+        times = [out["incremental"].get("seconds")]
+        for k, back in enumerate(REPEAT_DAYS_BACK, start=1):
+            day = day_key(t - timedelta(days=back))
+            new_study(lake, seed=NEW_SEED + 10 * k, arrived=noon(day))
+            again = measured_materialize(lake, day, home, instances=STUDY_INSTANCES, timeout=600, log_dir=work)
+            check_partition(again, rows=STUDY_INSTANCES, failed=0)
+            times.append(again.get("seconds") if again.get("success") else None)
+        out["incremental_runs_s"] = times
+        ok = [x for x in times if x is not None]
+        out["incremental_median_s"] = round(statistics.median(ok), 2) if len(ok) == len(times) else None
         if same_day:
             out["same_day_study"] = study = new_study(lake, seed=study["seed"] + 1, arrived=noon(base_day) + 3600)
             out["same_day"] = measured_materialize(

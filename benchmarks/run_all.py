@@ -299,10 +299,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     big = lakes.get(big_n) or {}
     inc = big.get("incremental") or {}
     note = "" if int(big_n) >= 100_000 else f" (lake of {int(big_n):,}, not 100,000)"
-    secs = inc.get("seconds")
+    runs = big.get("incremental_runs_s") or []
+    secs = big.get("incremental_median_s") or inc.get("seconds")
+    median = f" median of {len(runs)} new studies ({', '.join(map(str, runs))} s)" if len(runs) > 1 else ""
     out.append({
         "target": "one new 100-instance study on top of 100,000", "goal": "<= 5 s",
-        "reached": f"{secs} s, {_get(inc, 'io', 'rchar_mb')} MB read{note}; {_slowest(inc)}" if secs else None,
+        "reached": f"{secs} s{median}, first: {_get(inc, 'io', 'rchar_mb')} MB read{note}; {_slowest(inc)}" if secs else None,
         "status": _status(None if not secs or not inc.get("success") else secs <= 5),
         **({"over_by": f"{secs - 5:.1f} s"} if secs and secs > 5 else {}),
     })
@@ -433,10 +435,10 @@ def render_markdown(r: dict[str, Any]) -> str:
             ext: dict[str, Any] = next((s for s in b.get("steps", []) if s["step"] == "bronze__dicomimagingmetastore"), {})
             rows.append([f"{int(n):,}", _get(x, "generate", "files_on_disk"), b.get("seconds"), b.get("instances_per_s"),
                          b.get("peak_rss_tree_mb"), b.get("peak_rss_largest_process_mb"), ext.get("peak_rss_mb"),
-                         i.get("seconds"), _get(i, "io", "rchar_mb"), sd.get("seconds"),
+                         " / ".join(map(str, x.get("incremental_runs_s") or [i.get("seconds")])), _get(i, "io", "rchar_mb"), sd.get("seconds"),
                          f"{b.get('other_load_cpus')} / {i.get('other_load_cpus')}", x.get("error")])
         out += _table(["N", "files", "build s", "inst/s", "peak RSS tree MiB", "largest proc MiB", "extraction peak MiB",
-                       "new study s", "new study read MB", "same-day re-run s", "other load CPUs (build / new)", "error"], rows)
+                       "new study s (runs)", "new study read MB", "same-day re-run s", "other load CPUs (build / new)", "error"], rows)
         names = list(lk["lakes"])
         per: dict[str, dict[str, Any]] = {}
         for n in names:

@@ -265,8 +265,6 @@ def _write_member(
                     while view:
                         view = view[os.write(fd, view) :]
                 chunk = _guarded_read(src, CHUNK, label, info)
-            if fd is not None:
-                os.fsync(fd)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -337,7 +335,8 @@ def extract_zip_safely(
     ``.dcm``, not a ZIP) are listed with ``staged_path=None``. Raises
     :class:`ZipRefused` for corrupt, encrypted, oversized, too deeply nested
     archives, bombs and escaping names; the caller then discards ``staging``.
-    ``staging`` must exist and be empty; written files are fsynced.
+    ``staging`` must exist and be empty; written files are not fsynced (the
+    caller syncs them together, before relying on them).
 
     With ``corrupt_members`` (a list), a member whose data fails its CRC or
     cannot be inflated is appended there as ``(chain, message)`` and the other

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,8 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from dicom_assets.lake.fileops import crash_point
 
 T = TypeVar("T")
+#: Values a ``where`` filter compares with: strings (UIDs, days) and integers (OMOP ids).
+Scalar = str | int
 
 #: Retries of a conflicting commit; waits grow to about 10 s in total.
 COMMIT_RETRIES = 12
@@ -172,6 +175,51 @@ def merge(
     return _commit(uri, run)
 
 
+def upsert(
+    uri: str | Path,
+    source: pa.Table,
+    schema: pa.Schema,
+    *,
+    keys: Sequence[str],
+    lock: Callable[[], AbstractContextManager[Any]],
+    update_predicate: str | None = None,
+    update_columns: dict[str, str] | None = None,
+    sort_by: Sequence[str] = (),
+    row_group_rows: int | None = None,
+) -> dict[str, int]:
+    """:func:`merge` that appends the rows whose key the table does not hold yet.
+
+    The keys of ``source`` are looked up first (key columns only, files and
+    row groups pruned on ``keys[0]``): new keys are appended, which costs the
+    same on a table of any size, and only rows with a known key go through a
+    Delta merge (a scan of the files that may hold them). ``lock`` (a lake
+    lock) is held from the lookup to the last commit: Delta appends never
+    conflict, so without it two runs could both append the same new key.
+    Returns ``num_target_rows_inserted`` and ``num_target_rows_updated``.
+    """
+    ensure_table(uri, schema)
+    source = conform(source, schema)
+    out = {"num_target_rows_inserted": 0, "num_target_rows_updated": 0}
+    if source.num_rows == 0:
+        return out
+    first = keys[0]
+    with lock():
+        lookup = pc.unique(source.column(first)).drop_null().to_pylist()
+        held = read(uri, schema, columns=list(keys), where={first: lookup}) if lookup else schema.empty_table()
+        known = set(zip(*(held.column(k).to_pylist() for k in keys), strict=True))
+        source_keys = zip(*(source.column(k).to_pylist() for k in keys), strict=True)
+        is_new = pa.array([k not in known for k in source_keys], pa.bool_())
+        fresh, seen = source.filter(is_new), source.filter(pc.invert(is_new))
+        if fresh.num_rows:
+            append(uri, fresh, schema, sort_by=sort_by, row_group_rows=row_group_rows)
+            out["num_target_rows_inserted"] += fresh.num_rows
+        if seen.num_rows:
+            metrics = merge(uri, seen, schema, keys=keys, update_predicate=update_predicate, update_columns=update_columns)
+            out["num_target_rows_inserted"] += int(metrics.get("num_target_rows_inserted", 0))
+            out["num_target_rows_updated"] += int(metrics.get("num_target_rows_updated", 0))
+    return out
+
+
 def delete_where(uri: str | Path, predicate: str) -> None:
     if exists(uri):
         with_commit_retry(lambda: DeltaTable(str(uri)).delete(predicate))
@@ -182,7 +230,7 @@ def read(
     schema: pa.Schema | None = None,
     *,
     columns: Sequence[str] | None = None,
-    where: Mapping[str, str | Sequence[str]] | None = None,
+    where: Mapping[str, Scalar | Sequence[Scalar]] | None = None,
 ) -> pa.Table:
     """Read (part of) a table; an absent table reads as empty with ``schema``.
 
@@ -206,7 +254,7 @@ def iter_read(
     schema: pa.Schema | None = None,
     *,
     columns: Sequence[str] | None = None,
-    where: Mapping[str, str | Sequence[str]] | None = None,
+    where: Mapping[str, Scalar | Sequence[Scalar]] | None = None,
 ) -> Iterator[pa.Table]:
     """:func:`read`, one table per data file, so a caller can bound its memory."""
     try:
@@ -217,16 +265,16 @@ def iter_read(
         return
     full = pa.schema(dt.schema().to_arrow()) if schema is None else schema
     target = pa.schema([full.field(c) for c in columns]) if columns else full
-    where = dict(where or {})
+    wanted = {c: [v] if isinstance(v, str | int) else list(v) for c, v in (where or {}).items()}
     prune = " AND ".join(
-        f"`{c}` = {sql_literal(v)}" if isinstance(v, str) else f"`{c}` IN ({', '.join(sql_literal(x) for x in v)})"
-        for c, v in where.items()
+        f"`{c}` = {sql_literal(v[0])}" if len(v) == 1 else f"`{c}` IN ({', '.join(sql_literal(x) for x in v)})"
+        for c, v in wanted.items()
     )
     # delta-rs's own dataset and its merge-written files use string_view, which
     # pyarrow cannot compare with string literals; reading each pruned file,
     # casting to the declared schema and filtering afterwards is exact and safe.
     files = dt.file_uris(file_pruning_predicate=prune) if prune else dt.file_uris()
-    sets = {c: pa.array([v] if isinstance(v, str) else list(v), pa.string()) for c, v in where.items()}
+    sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
     for f in files:
         if not sets:
             yield conform(pq.read_table(f, columns=target.names), target)
@@ -258,7 +306,7 @@ def read_day(uri: str | Path, schema: pa.Schema, day: str, *, columns: Sequence[
     return read(uri, schema, columns=columns, where={"ingestDate": day})
 
 
-def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[str], *, columns: Sequence[str] | None = None) -> pa.Table:
+def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[Scalar], *, columns: Sequence[str] | None = None) -> pa.Table:
     """Rows whose ``column`` is one of ``values`` (e.g. every instance of the touched studies)."""
     if not values:
         empty = schema.empty_table()
@@ -267,11 +315,26 @@ def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[st
 
 
 def count(uri: str | Path) -> int:
+    """Rows in the table, from the log's per-file ``numRecords`` (no data file is opened).
+
+    Files written without statistics are counted by reading their footers.
+    """
     if not exists(uri):
         return 0
-    return int(DeltaTable(str(uri)).to_pyarrow_dataset().count_rows())
+    dt = DeltaTable(str(uri))
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if adds.num_rows == 0:
+        return 0
+    n = adds.column("num_records") if "num_records" in adds.column_names else pa.nulls(adds.num_rows, pa.int64())
+    if n.null_count == 0:
+        return int(pc.sum(n).as_py())
+    return int(dt.to_pyarrow_dataset().count_rows())
 
 
-def sql_literal(value: str) -> str:
-    """Quote ``value`` for a delta-rs SQL predicate."""
+def sql_literal(value: Scalar) -> str:
+    """Quote ``value`` for a delta-rs SQL predicate (integers as numbers)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"unsupported literal {value!r}")
+    if isinstance(value, int):
+        return str(value)
     return "'" + value.replace("'", "''") + "'"

@@ -140,7 +140,7 @@ def _item(path: Path, ns: str, sub: tuple[str, ...], entry: os.DirEntry[str]) ->
     return IngestItem(path, ns, sub, kind, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _walk(folder: Path, ns: str, sub: tuple[str, ...]) -> Iterator[IngestItem]:
+def _walk(folder: Path, ns: str, sub: tuple[str, ...], folders: list[Path] | None) -> Iterator[IngestItem]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -151,15 +151,21 @@ def _walk(folder: Path, ns: str, sub: tuple[str, ...]) -> Iterator[IngestItem]:
         path = folder / entry.name
         try:
             if not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
-                yield from _walk(path, ns, sub + (fileops.safe_component(entry.name),))
+                yield from _walk(path, ns, sub + (fileops.safe_component(entry.name),), folders)
+                if folders is not None:
+                    folders.append(path)  # after its contents: deepest folders come first
             else:
                 yield _item(path, ns, sub, entry)
         except FileNotFoundError:
             continue  # vanished while we looked
 
 
-def walk_ingest(paths: LakePaths, settings: Settings) -> Iterator[IngestItem]:
-    """Every entry under Ingest (regular files, symlinks, special files), sorted by path."""
+def walk_ingest(paths: LakePaths, settings: Settings, folders: list[Path] | None = None) -> Iterator[IngestItem]:
+    """Every entry under Ingest (regular files, symlinks, special files), sorted by path.
+
+    ``folders`` collects the sub-folders walked (namespace folders excluded),
+    each after the folders inside it.
+    """
     root = paths.ingest_root
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -173,11 +179,38 @@ def walk_ingest(paths: LakePaths, settings: Settings) -> Iterator[IngestItem]:
             if not entry.is_symlink() and entry.is_dir(follow_symlinks=False):
                 ns = fileops.safe_component(entry.name)
                 if _wanted(ns, settings):
-                    yield from _walk(path, ns, ())
+                    yield from _walk(path, ns, (), folders)
             elif _wanted(DEFAULT_NAMESPACE, settings):
                 yield _item(path, DEFAULT_NAMESPACE, (), entry)
         except FileNotFoundError:
             continue
+
+
+def prune_empty_folders(folders: list[Path], *, older_than: float) -> int:
+    """Remove the empty ``folders`` last changed before ``older_than``; returns how many went.
+
+    Organise moves files out of Ingest and leaves their folders behind; a drop
+    of 100,000 files left 8,000 empty folders that every later scan (organise,
+    the sensor's ticks) walked again. ``rmdir`` only removes an empty folder,
+    and a folder changed within the settle time (just created for a copy in
+    progress, or just emptied by this run) is kept for a later run.
+    """
+    # Ages are taken before anything goes: removing a sub-folder touches its parent.
+    settled = []
+    for folder in folders:
+        try:
+            if os.lstat(folder).st_mtime < older_than:
+                settled.append(folder)
+        except OSError:
+            continue
+    removed = 0
+    for folder in settled:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue  # not empty, gone, or not ours to remove
+        removed += 1
+    return removed
 
 
 def settled_candidates(paths: LakePaths, settings: Settings, now: float) -> tuple[list[Path], int]:

@@ -14,6 +14,7 @@ import pyarrow as pa
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
 from dicom_assets.lake import delta
+from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA, SILVER_IMAGINGSTUDY_SCHEMA
 from dicom_assets.steps.silver import study_instances, touched_studies
@@ -139,11 +140,12 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
         )
     table = pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA)
     update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_IMAGINGSTUDY_SCHEMA if f.name != "msftCreatedDatetime"}
-    metrics = delta.merge(
+    metrics = delta.upsert(
         paths.table_uri("silver_ImagingStudy"),
         table,
         SILVER_IMAGINGSTUDY_SCHEMA,
         keys=["id"],
+        lock=lambda: lake_lock(paths.state_dir, "silver_imagingstudy"),
         update_predicate="s.lastUpdated > t.lastUpdated AND s.fhirContent <> t.fhirContent",
         update_columns=update_cols,
     )

@@ -156,18 +156,20 @@ def build_gold(paths: LakePaths, settings: Settings, day: str, *, now: datetime 
         po_rows.extend(po)
     validate_rows(io_rows, IMAGE_OCCURRENCE_SCHEMA)
     validate_rows(po_rows, PROCEDURE_OCCURRENCE_SCHEMA)
-    delta.merge(
+    delta.upsert(
         paths.table_uri("image_occurrence"),
         pa.Table.from_pylist(io_rows, schema=IMAGE_OCCURRENCE_SCHEMA),
         IMAGE_OCCURRENCE_SCHEMA,
         keys=["image_occurrence_id"],
+        lock=lambda: lake_lock(paths.state_dir, "image_occurrence"),
         update_predicate=_changed_predicate(IMAGE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
     )
-    delta.merge(
+    delta.upsert(
         paths.table_uri("procedure_occurrence"),
         pa.Table.from_pylist(po_rows, schema=PROCEDURE_OCCURRENCE_SCHEMA),
         PROCEDURE_OCCURRENCE_SCHEMA,
         keys=["procedure_occurrence_id"],
+        lock=lambda: lake_lock(paths.state_dir, "procedure_occurrence"),
         update_predicate=_changed_predicate(PROCEDURE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
     )
     return GoldResult(

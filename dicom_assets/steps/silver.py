@@ -123,13 +123,6 @@ def _chunks(paths: LakePaths, day: str) -> Iterator[pa.Table]:
         yield pa.concat_tables(held)
 
 
-def _existing_keys(paths: LakePaths, silver: pa.Table) -> set[tuple[Any, ...]]:
-    """Instance keys of ``silver``'s rows that the silver table already holds (key columns only are read)."""
-    uids = sorted(set(silver.column("studyInstanceUid").to_pylist()))
-    t = delta.read_in(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=list(INSTANCE_KEY))
-    return set(zip(*(t.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
-
-
 def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverResult:
     """Asset 3: dedupe the day's bronze rows and merge them into silver on the instance key.
 
@@ -138,9 +131,9 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
     rows whose key silver does not hold yet are appended (no scan of the
     table), the others are merged with :data:`NEWER`, keeping
     ``msftCreatedDatetime``. Since :data:`NEWER` is a total order, chunk after
-    chunk ends where one merge of the whole day would. The section holds the
-    ``silver_instances`` lake lock, so no other run appends the same new key
-    between the lookup and the commit.
+    chunk ends where one merge of the whole day would. Each chunk's lookup and
+    commits hold the ``silver_instances`` lake lock (:func:`delta.upsert`), so
+    no other run appends the same new key in between.
     """
     now = now or datetime.now(UTC)
     uri = paths.table_uri("ImagingMetastore")
@@ -148,26 +141,17 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
     bronze_rows = inserted = updated = 0
     studies: set[tuple[str, str]] = set()
     keys: set[tuple[Any, ...]] = set()
-    delta.ensure_table(uri, SILVER_METASTORE_SCHEMA)
-    with lake_lock(paths.state_dir, "silver_instances"):
-        for bronze in _chunks(paths, day):
-            silver = to_silver(pick_latest(bronze), now)
-            bronze_rows += bronze.num_rows
-            studies |= {(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist(), strict=True) if b}
-            known = _existing_keys(paths, silver)
-            chunk_keys = list(zip(*(silver.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
-            keys.update(chunk_keys)
-            is_new = pa.array([k not in known for k in chunk_keys], pa.bool_())
-            fresh, seen = silver.filter(is_new), silver.filter(pc.invert(is_new))
-            if fresh.num_rows:
-                delta.append(uri, fresh, SILVER_METASTORE_SCHEMA, sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS)
-                inserted += fresh.num_rows
-            if seen.num_rows:
-                metrics = delta.merge(
-                    uri, seen, SILVER_METASTORE_SCHEMA, keys=INSTANCE_KEY, update_predicate=NEWER, update_columns=update_cols
-                )
-                inserted += int(metrics.get("num_target_rows_inserted", 0))
-                updated += int(metrics.get("num_target_rows_updated", 0))
+    for bronze in _chunks(paths, day):
+        silver = to_silver(pick_latest(bronze), now)
+        bronze_rows += bronze.num_rows
+        studies |= {(a, b) for a, b in zip(silver.column("msftSourceSystem").to_pylist(), silver.column("studyInstanceUid").to_pylist(), strict=True) if b}
+        keys.update(zip(*(silver.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
+        metrics = delta.upsert(
+            uri, silver, SILVER_METASTORE_SCHEMA, keys=INSTANCE_KEY, lock=lambda: lake_lock(paths.state_dir, "silver_instances"),
+            update_predicate=NEWER, update_columns=update_cols, sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS,
+        )
+        inserted += metrics["num_target_rows_inserted"]
+        updated += metrics["num_target_rows_updated"]
     return SilverResult(bronze_rows=bronze_rows, instances=len(keys), inserted=inserted, updated=updated, studies=sorted(studies))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import subprocess
 import os
 import zipfile
 from datetime import UTC, datetime
@@ -207,17 +209,19 @@ def _record_file_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync of the zip happens before the rename, and the unlink after it."""
+    """The ZIP's data and its folder are fsynced after the rename and before the original is unlinked."""
     calls = _record_file_ops(monkeypatch)
     f = tmp_path / "i.dcm"
     f.write_bytes(dicom_bytes())
     extract_batch([task(f, compress=True)], now=NOW)
-    assert calls.index("fsync") < calls.index("replace") < calls.index("unlink")
-    assert "fsync" in calls[calls.index("replace") : calls.index("unlink")], "directory fsync after rename"
+    assert calls.index("replace") < calls.index("unlink")
+    assert calls[calls.index("replace") : calls.index("unlink")].count("fsync") == 2, "file, then folder"
 
 
-def test_a_batch_syncs_each_folder_once_per_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ZIP renamed and its folder synced before any original is unlinked; 2 folder fsyncs, not 2 per file."""
+def test_a_batch_syncs_its_zips_together_and_each_folder_once_per_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ZIP renamed and fsynced, and its folder synced, before any original is unlinked."""
     calls = _record_file_ops(monkeypatch)
     files = []
     for i in range(5):
@@ -228,9 +232,31 @@ def test_a_batch_syncs_each_folder_once_per_phase(tmp_path: Path, monkeypatch: p
     assert len(rows) == 5 and failures == []
     last_replace = max(i for i, c in enumerate(calls) if c == "replace")
     first_unlink = calls.index("unlink")
-    assert last_replace < first_unlink and "fsync" in calls[last_replace:first_unlink]
-    assert calls.count("fsync") == 5 + 2  # one per ZIP's data, the folder before and after the unlinks
+    assert last_replace < first_unlink
+    assert calls[last_replace:first_unlink].count("fsync") == 5 + 1  # each ZIP's data, then the folder
+    assert calls[first_unlink:].count("fsync") == 1  # the folder after the unlinks
     assert all(not f.exists() and Path(str(f) + ".zip").exists() for f in files)
+
+
+def test_a_zip_that_cannot_be_synced_keeps_its_original(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync failing (an I/O error) for one ZIP: that file is a compress failure, its original stays, its ZIP goes."""
+    files = []
+    for i in range(3):
+        f = tmp_path / f"s{i}.dcm"
+        f.write_bytes(dicom_bytes())
+        files.append(f)
+    from dicom_assets.lake import fileops
+
+    real = fileops.fsync_file
+
+    def flaky(path: str) -> BaseException | None:
+        return OSError(5, "Input/output error") if str(path).endswith("s1.dcm.zip") else real(path)
+
+    monkeypatch.setattr(fileops, "fsync_file", flaky)
+    rows, failures = extract_batch([task(f, compress=True) for f in files], now=NOW)
+    assert len(rows) == 2 and [f["stage"] for f in failures] == ["compress"]
+    assert files[1].exists() and not Path(str(files[1]) + ".zip").exists()
+    assert not files[0].exists() and Path(str(files[0]) + ".zip").exists()
 
 
 def test_big_files_are_memory_mapped_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,3 +271,28 @@ def test_big_files_are_memory_mapped_with_the_same_result(tmp_path: Path, monkey
     assert mapped_row["contentSha256"] == read_row["contentSha256"]
     assert json.loads(mapped_row["metadata_string"])["00100010"] == json.loads(read_row["metadata_string"])["00100010"]
     assert zipfile.ZipFile(str(b) + ".zip").read(b.name) == data
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "ünïcode name.dcm"])
+def test_isal_zip_is_a_valid_zip_with_the_same_member_as_zipfiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The hand-assembled one-member ZIP reads back through zipfile exactly as zipfile's own would."""
+    if compress_mod._isal is None:
+        pytest.skip("isal not installed")
+    data = dicom_bytes() * 3
+    ours, theirs = tmp_path / "ours.zip", tmp_path / "theirs.zip"
+    compress_mod.write_zip_durably(data, name, str(ours), mtime=1_700_000_001)
+    monkeypatch.setattr(compress_mod, "_isal", None)
+    compress_mod.write_zip_durably(data, name, str(theirs), mtime=1_700_000_001)
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(theirs) as b:
+        assert a.testzip() is None
+        (ia,), (ib,) = a.infolist(), b.infolist()
+        assert (ia.filename, ia.date_time, ia.file_size, ia.CRC, ia.compress_type, ia.flag_bits & 0x800) == (
+            ib.filename, ib.date_time, ib.file_size, ib.CRC, ib.compress_type, ib.flag_bits & 0x800
+        )
+        assert a.read(name) == data == b.read(name)
+        assert ia.external_attr == ib.external_attr
+    assert compress_mod.read_single_member(str(ours)) == data
+    if shutil.which("unzip"):  # an independent reader (Info-ZIP), where installed
+        assert subprocess.run(["unzip", "-tq", str(ours)], capture_output=True).returncode == 0

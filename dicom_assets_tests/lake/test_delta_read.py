@@ -71,3 +71,70 @@ def test_an_absent_table_reads_empty(tmp_path: Path) -> None:
     got = delta.read(tmp_path / "none", SCHEMA, columns=["study"], where={"study": "s1"})
     assert got.num_rows == 0 and got.column_names == ["study"]
     assert list(delta.iter_read(tmp_path / "none", SCHEMA)) == []
+
+
+def test_integer_keys_select_and_prune(table: Path) -> None:
+    got = delta.read(table, SCHEMA, columns=["n"], where={"n": [3, 1100, 99999]})
+    assert sorted(got.column("n").to_pylist()) == [3, 1100]
+    assert delta.read(table, SCHEMA, where={"n": 7}).column("study").to_pylist() == ["s7"]
+
+
+def test_count_comes_from_the_log_and_matches_a_scan(table: Path) -> None:
+    assert delta.count(table) == 1250 == DeltaTable(str(table)).to_pyarrow_dataset().count_rows()
+    assert delta.count(table.parent / "absent") == 0
+
+
+# ---- upsert: new keys appended, known keys merged -------------------------------------------------
+
+UP = pa.schema([("k", pa.string()), ("v", pa.int64()), ("t", pa.int64())])
+
+
+def _up(rows: list[tuple[str, int, int]]) -> pa.Table:
+    return pa.Table.from_pylist([{"k": k, "v": v, "t": t} for k, v, t in rows], schema=UP)
+
+
+def test_upsert_appends_new_keys_and_merges_known_ones(tmp_path: Path) -> None:
+    import contextlib
+    import threading
+
+    uri = tmp_path / "u"
+    held = threading.Lock()
+    calls: list[bool] = []
+
+    @contextlib.contextmanager
+    def lock():  # type: ignore[no-untyped-def]
+        with held:
+            calls.append(True)
+            yield
+
+    first = delta.upsert(uri, _up([("a", 1, 1), ("b", 2, 1)]), UP, keys=["k"], lock=lock, update_predicate="s.t > t.t")
+    assert first == {"num_target_rows_inserted": 2, "num_target_rows_updated": 0}
+    ops = [c["operation"] for c in DeltaTable(str(uri)).history()]
+    assert "MERGE" not in ops  # nothing known yet: a plain append
+    second = delta.upsert(
+        uri, _up([("a", 10, 2), ("b", 20, 0), ("c", 3, 1)]), UP, keys=["k"], lock=lock, update_predicate="s.t > t.t"
+    )
+    assert second == {"num_target_rows_inserted": 1, "num_target_rows_updated": 1}
+    got = {r["k"]: r["v"] for r in delta.read(uri, UP).to_pylist()}
+    assert got == {"a": 10, "b": 2, "c": 3}  # b's update was older: kept
+    assert len(calls) == 2
+
+
+def test_upsert_ends_like_one_merge_whatever_the_split(tmp_path: Path) -> None:
+    rows = [(f"k{i % 17}", i, i % 5) for i in range(120)]
+    split = tmp_path / "split"
+    pred = "s.t > t.t OR (s.t = t.t AND s.v > t.v)"
+    for i in range(0, 120, 7):
+        delta.upsert(split, _up(rows[i : i + 7]), UP, keys=["k"], lock=_nolock, update_predicate=pred)
+    best: dict[str, tuple[int, int]] = {}
+    for k, v, t in rows:
+        if k not in best or (t, v) > (best[k][1], best[k][0]):
+            best[k] = (v, t)
+    got = {r["k"]: (r["v"], r["t"]) for r in delta.read(split, UP).to_pylist()}
+    assert got == best and delta.count(split) == 17
+
+
+def _nolock():  # type: ignore[no-untyped-def]
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -339,3 +339,35 @@ def test_dcm_named_zip_without_dicom_fails(paths: LakePaths) -> None:
     drop(paths, "ns/odd.dcm", make_zip([("notes.txt", b"x")]))
     [failed] = organise(paths, settings(paths), DAY, now=time.time()).failed
     assert failed.error_class == "NotDicom"
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_emptied_folders_are_pruned_once_settled(paths: LakePaths) -> None:
+    """Folders left empty go (deepest first) once older than the settle time; others stay."""
+    drop(paths, "ns/study1/series1/a.dcm", dcm())
+    drop(paths, "ns/study2/b.dcm", dcm())
+    drop(paths, "ns/keep/notes.txt", b"not dicom")
+    fresh = paths.ingest_root / "ns" / "fresh_copy"
+    fresh.mkdir()
+    first = organise(paths, settings(paths), DAY)
+    assert len(first.landed) == 2
+    # The emptied folders changed just now (the moves): kept within the settle time.
+    assert (paths.ingest_root / "ns" / "study1" / "series1").is_dir()
+    for d in ("study1/series1", "study1", "study2", "fresh_copy", "keep"):
+        _age(paths.ingest_root / "ns" / d, 60)
+    organise(paths, settings(paths), DAY)
+    left = sorted(str(p.relative_to(paths.ingest_root)) for p in paths.ingest_root.rglob("*"))
+    assert left == ["ns", "ns/keep", "ns/keep/notes.txt"]
+
+
+def test_a_folder_just_created_for_a_copy_is_kept(paths: LakePaths) -> None:
+    empty = paths.ingest_root / "ns" / "incoming"
+    empty.mkdir(parents=True)
+    organise(paths, settings(paths), DAY)
+    assert empty.is_dir()
+    organise(paths, Settings(lake=str(paths.root), settle_seconds=0), DAY)
+    assert not empty.exists() and (paths.ingest_root / "ns").is_dir()
