@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pydantic import ValidationError
 
 from dicom_assets.fhir.codes import (
@@ -36,9 +37,6 @@ _UID_URN_RE = re.compile(r"^urn:oid:\S+$")
 
 
 def _model_errors(resource: dict[str, Any]) -> Iterator[str]:
-    # Imported here: loading the FHIR model classes costs ~0.3 s, paid only by callers that validate.
-    from fhir.resources.R4B.imagingstudy import ImagingStudy
-
     try:
         ImagingStudy.model_validate(resource)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
+from dicom_assets.engines import local
 from dicom_assets.engines.base import ExtractionOutcome
 from dicom_assets.lake import delta, external, failures, fileops, organise
 from dicom_assets.lake.fileops import crash_point
@@ -47,8 +48,6 @@ def engine_for(settings: Settings) -> Engine:
         return spark.run_extraction
     if settings.engine != "local":
         raise ValueError(f"unknown engine {settings.engine!r}: use 'local' or 'spark'")
-    from dicom_assets.engines import local
-
     return local.run_extraction
 
 
