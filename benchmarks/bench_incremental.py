@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_memory import measured_child  # noqa: E402
-from benchmarks.bench_pipeline import check_partition, measured_materialize, new_dagster_home  # noqa: E402
+from benchmarks.bench_pipeline import check_partition, measured_materialize, new_dagster_home, settle_writes  # noqa: E402
 
 STUDY_INSTANCES = 100
 #: Days (before today) of the repeated new-study runs; the profile uses the 2nd.
@@ -140,6 +140,7 @@ def run(
     try:
         lake, home = work / "lake", new_dagster_home(work / "dagster_home")
         out["generate"] = generate(lake, instances, seed=BASE_SEED, arrived=noon(base_day))
+        settle_writes()
         out["base"] = measured_materialize(lake, base_day, home, instances=instances, timeout=timeout, log_dir=work)
         out["lake_bytes"] = _du(lake)
         check_partition(out["base"], rows=instances, failed=1)
@@ -147,6 +148,7 @@ def run(
             out["error"] = "base lake build failed; incremental figures would be meaningless"
             return out
         out["study"] = study = new_study(lake, seed=NEW_SEED)
+        settle_writes()
         out["incremental"] = measured_materialize(lake, today, home, instances=STUDY_INSTANCES, timeout=600, log_dir=work)
         check_partition(out["incremental"], rows=STUDY_INSTANCES, failed=0)
         # Two more new studies, each in a day of its own: one run on a shared
@@ -155,6 +157,7 @@ def run(
         for k, back in enumerate(REPEAT_DAYS_BACK, start=1):
             day = day_key(t - timedelta(days=back))
             new_study(lake, seed=NEW_SEED + 10 * k, arrived=noon(day))
+            settle_writes()
             again = measured_materialize(lake, day, home, instances=STUDY_INSTANCES, timeout=600, log_dir=work)
             check_partition(again, rows=STUDY_INSTANCES, failed=0)
             times.append(again.get("seconds") if again.get("success") else None)
@@ -163,6 +166,7 @@ def run(
         out["incremental_median_s"] = round(statistics.median(ok), 2) if len(ok) == len(times) else None
         if same_day:
             out["same_day_study"] = study = new_study(lake, seed=study["seed"] + 1, arrived=noon(base_day) + 3600)
+            settle_writes()
             out["same_day"] = measured_materialize(
                 lake, base_day, home, instances=instances + STUDY_INSTANCES, timeout=timeout, log_dir=work
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow as pa
 
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
+from dicom_assets.fhir.identity import imaging_study_id
 from dicom_assets.lake import delta
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
@@ -32,41 +34,52 @@ class NdjsonResult:
     errors: dict[str, str]
 
 
-def build_resources(paths: LakePaths, day: str) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-    """Every study touched by ``day``, rebuilt from *all* its silver instances, validated.
+def iter_resources(
+    paths: LakePaths, studies: list[tuple[str, str]], errors: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    """ImagingStudy resources of ``studies`` (one namespace), rebuilt from *all* their silver
+    instances, validated, in ``id`` order; failures go to ``errors`` by study UID.
 
-    Returns (resources grouped by namespace and sorted by id, errors by study
-    UID). ``meta.lastUpdated`` is the newest ``msftModifiedDatetime`` among the
+    ``meta.lastUpdated`` is the newest ``msftModifiedDatetime`` among the
     study's instances, so a rebuild with unchanged instances is identical. A
     study that cannot be mapped or fails validation is reported (strict
     writer: nothing invalid is written) without holding back the others.
+    The ids are known before any row is read (a hash of namespace and UID),
+    so the studies are read :data:`STUDIES_PER_READ` at a time in id order
+    and each resource can be written out before the next group is read:
+    memory holds one group, whatever the day's size.
     """
-    studies = touched_studies(paths, day)
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    errors: dict[str, str] = {}
-    # A couple of hundred studies at a time: their instance rows (every tag) are the
-    # big objects here; the resources themselves are small.
-    for start in range(0, len(studies), STUDIES_PER_READ):
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for row in study_instances(paths, studies[start : start + STUDIES_PER_READ]).to_pylist():
-            groups[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
-        for (ns, uid), rows in sorted(groups.items()):
-            last = max(r["msftModifiedDatetime"] for r in rows)
+    ordered = sorted(studies, key=lambda s: imaging_study_id(*s))
+    for start in range(0, len(ordered), STUDIES_PER_READ):
+        group = ordered[start : start + STUDIES_PER_READ]
+        rows_of: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for row in study_instances(paths, group).to_pylist():
+            rows_of[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
+        for ns, uid in group:
+            rows = rows_of.get((ns, uid))
+            if not rows:
+                continue
             try:
+                last = max(r["msftModifiedDatetime"] for r in rows)
                 res = mapping.build_imaging_study(rows, namespace=ns, last_updated=last)
                 validate.validate_imaging_study(res, namespace=ns)
             except ValueError as exc:
                 errors[uid] = str(exc)[:300]  # messages name UIDs and fields, never values
                 continue
-            out[ns].append(res)
-    for ns in out:
-        out[ns].sort(key=lambda r: r["id"])
-    return dict(out), errors
+            yield res
 
 
 def write_ndjson_files(paths: LakePaths, day: str) -> NdjsonResult:
-    """Asset 4: rewrite the day's NDJSON files (≤ 1000 resources each), per namespace."""
-    by_ns, errors = build_resources(paths, day)
+    """Asset 4: rewrite the day's NDJSON files (≤ 1000 resources each), per namespace.
+
+    Every study the day touched is rebuilt (:func:`iter_resources`) and
+    streamed into its namespace's files.
+    """
+    by_ns: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for ns, uid in touched_studies(paths, day):
+        by_ns[ns].append((ns, uid))
+    errors: dict[str, str] = {}
+    counts: dict[str, int] = {}
     files: list[str] = []
     # Namespaces that had files but no longer have resources must be emptied too.
     root = paths.ndjson_root()
@@ -75,14 +88,24 @@ def write_ndjson_files(paths: LakePaths, day: str) -> NdjsonResult:
         folder = paths.ndjson_dir(ns, day)
         if ns not in by_ns and not folder.exists():
             continue
-        written = ndjson.write_ndjson(by_ns.get(ns, []), folder, max_per_file=MAX_PER_FILE)
+        counted = _Counted(iter_resources(paths, by_ns.get(ns, []), errors))
+        written = ndjson.write_ndjson(counted, folder, max_per_file=MAX_PER_FILE)
         files.extend(str(p) for p in written)
-    return NdjsonResult(
-        resources=sum(len(v) for v in by_ns.values()),
-        files=files,
-        namespaces={k: len(v) for k, v in by_ns.items()},
-        errors=errors,
-    )
+        if counted.n:
+            counts[ns] = counted.n
+    return NdjsonResult(resources=sum(counts.values()), files=files, namespaces=counts, errors=errors)
+
+
+class _Counted:
+    """An iterator that counts what passes through it."""
+
+    def __init__(self, items: Iterator[dict[str, Any]]) -> None:
+        self.items, self.n = items, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for item in self.items:
+            self.n += 1
+            yield item
 
 
 def ndjson_files_for_day(paths: LakePaths, day: str) -> list[tuple[str, Path]]:
