@@ -121,15 +121,6 @@ def summarize(settings: Settings, day: str, *, success: bool = True, seconds: fl
             else 0
         )
 
-    def count_files(root: Path, skip_error_json: bool = False) -> int:
-        if not root.exists():
-            return 0
-        return sum(
-            1
-            for p in root.rglob("*")
-            if p.is_file() and not (skip_error_json and p.name.endswith(".error.json"))
-        )
-
     return {
         "success": success,
         "partition": day,
@@ -140,9 +131,31 @@ def summarize(settings: Settings, day: str, *, success: bool = True, seconds: fl
         "files": {
             "ingest_remaining": count_files(paths.ingest_root),
             "process": count_files(paths.process_root),
-            "failed": count_files(paths.failed_root, skip_error_json=True),
+            "failed": count_files(paths.failed_root, skip_suffix=".error.json"),
         },
     }
+
+
+def count_files(root: Path, skip_suffix: str = "") -> int:
+    """Files under ``root`` (links to files included, as ``Path.is_file`` counts them).
+
+    ``os.scandir`` knows most entries' types without a ``stat`` each: the
+    summary of a 100,000-file lake took seconds with ``rglob``.
+    """
+    count = 0
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                count += count_files(Path(entry.path), skip_suffix)
+            elif entry.is_file() and not (skip_suffix and entry.name.endswith(skip_suffix)):
+                count += 1
+        except OSError:
+            continue
+    return count
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
-import os
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
