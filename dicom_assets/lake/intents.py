@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,15 +46,6 @@ class OrganiseRun:
     #: Sources held by a plan kept for retry: not planned twice.
     pending: set[str] = field(default_factory=set)
     staging_in_use: set[str] = field(default_factory=set)
-    #: Counters and names take ``lock``, appends to the landed journals
-    #: ``journal_lock``, so plans may run in threads.
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    journal_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, counter: str, n: int = 1) -> None:
-        """Add ``n`` to the counter field ``counter``, safely across threads."""
-        with self.lock:
-            setattr(self, counter, getattr(self, counter) + n)
 
     @property
     def state(self) -> Path:
@@ -63,9 +53,8 @@ class OrganiseRun:
 
     def epoch(self) -> str:
         """Unix time in microseconds, strictly increasing within the run."""
-        with self.lock:
-            self.last_us = us = max(time.time_ns() // 1000, self.last_us + 1)
-        return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+        self.last_us = max(time.time_ns() // 1000, self.last_us + 1)
+        return f"{self.last_us // 1_000_000}.{self.last_us % 1_000_000:06d}"
 
     def target(self, base: Path, sub: tuple[str, ...], name: str) -> Path:
         # "<10-digit seconds>.<6 digits>_" takes 18 bytes of the name budget.
@@ -194,8 +183,7 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
         if step["op"] == "fail":
             run.failed.append(write_error_json(run.paths, error_json_for(Path(step["dst"])), step["record"]))
     landed = [LandedFile.from_json(run.paths, s["record"]) for s in done if s["op"] == "land"]
-    with run.journal_lock:  # one writer per journal file at a time
-        append_landed(run.paths, _not_yet_journalled(run.paths, landed) if plan.get("recovering") else landed)
+    append_landed(run.paths, _not_yet_journalled(run.paths, landed) if plan.get("recovering") else landed)
     run.landed.extend(landed)
     fileops.crash_point("organise:recorded")
     if retry:
@@ -207,7 +195,7 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
         run.pending.update(_plan_sources(plan))
         if plan.get("staging"):
             run.staging_in_use.add(plan["staging"])
-        run.add("deferred", len(plan["steps"]))
+        run.deferred += len(plan["steps"])
         return
     z = plan.get("zip")
     if z and len(done) == len(plan["steps"]) and same_stat(Path(z["src"]), z["stat"]):
@@ -267,7 +255,7 @@ def recover(run: OrganiseRun) -> None:
             plan["recovering"] = True
             log.warning("organise: rolling forward interrupted plan %s", f.name)
             execute(run, plan, f)
-            run.add("recovered")
+            run.recovered += 1
     # Staging folders of kept plans are still referenced; any other is a
     # half-done extraction whose ZIP is still in Ingest.
     keep = {Path(p).name for p in run.staging_in_use}

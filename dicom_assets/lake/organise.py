@@ -108,7 +108,7 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -
         head = fileops.read_head(item.path, SNIFF_BYTES)
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
-        run.add("deferred")
+        run.deferred += 1
         return
     if zipsafe.is_zip_magic(head):
         _organise_zip(run, item, batch)
@@ -116,7 +116,7 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -
     lower = os.fsdecode(item.path.name).lower()
     is_dicom = looks_like_dicom(head)
     if not (is_dicom or lower.endswith(".dcm") or lower.endswith(".zip")):
-        run.add("ignored")
+        run.ignored += 1
         return
     if item.size > run.settings.max_file_bytes:
         fail("TooLarge", f"{item.size} bytes, limit max_file_bytes={run.settings.max_file_bytes}")
@@ -125,7 +125,7 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -
         sha = fileops.sha256_file(item.path)
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
-        run.add("deferred")
+        run.deferred += 1
         return
     if is_dicom:
         batch.append(item_step(run, item, "land", sha))
@@ -155,7 +155,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         log.warning("organise: cannot extract %s: %s", original, exc.strerror)
-        run.add("deferred")
+        run.deferred += 1
         return
     kept = [m for m in members if m.staged_path is not None]
     if corrupt and not kept:
@@ -169,18 +169,17 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
             sha = fileops.sha256_file(item.path)
             batch.append(item_step(run, item, "fail", sha, ("NotDicom", "named .dcm but a ZIP without DICOM")))
         else:
-            run.add("ignored")  # a ZIP without DICOM (an office document, a README bundle) is not ours
+            run.ignored += 1  # a ZIP without DICOM (an office document, a README bundle) is not ours
         return
     if not same_stat(item.path, item.stat_key()):
         shutil.rmtree(staging, ignore_errors=True)
-        run.add("unsettled")
+        run.unsettled += 1
         return
-    staged_files = [str(m.staged_path) for m in members if m.staged_path is not None]
-    errors = [e for e in fileops.fsync_files(staged_files) if e is not None]
+    errors = [e for e in fileops.fsync_files([str(m.staged_path) for m in kept]) if e is not None]
     if errors:
         shutil.rmtree(staging, ignore_errors=True)
         log.warning("organise: cannot sync the extraction of %s: %s", original, getattr(errors[0], "strerror", errors[0]))
-        run.add("deferred")
+        run.deferred += 1
         return
     fileops.fsync_dir(staging)
     fileops.crash_point("organise:staged")
@@ -204,7 +203,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
                 error=("", "") if dicom else ("NotDicom", "ZIP member named .dcm is not DICOM"),
             )
         )
-    run.add("skipped_members", len(members) - len(kept))
+    run.skipped_members += len(members) - len(kept)
     if corrupt:
         # Good members land; the archive, with its unreadable member(s), goes to
         # Failed whole, so no byte is lost and the reason is on record.
@@ -214,17 +213,6 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
         run_plan(run, steps, staging=str(staging))
         return
     run_plan(run, steps, zip={"src": str(item.path), "stat": item.stat_key()}, staging=str(staging))
-
-
-def _organise_items(run: OrganiseRun, items: list[IngestItem], size: int) -> None:
-    """Classify ``items``: plain files go in plans of ``size``, each ZIP in its own."""
-    batch: list[dict[str, Any]] = []
-    for item in items:
-        _classify(run, item, batch)
-        if len(batch) >= size:  # one intent per batch
-            run_plan(run, batch)
-            batch = []
-    run_plan(run, batch)
 
 
 def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | None = None) -> OrganiseResult:
@@ -243,26 +231,25 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
     check_day(day)
     now = time.time() if now is None else now
     run = OrganiseRun(paths, settings, day)
-    size = max(1, settings.batch_size)
     folders: list[Path] = []
     with fileops.exclusive_lock(run.state / "lock"):
         recover(run)
-        chunk: list[IngestItem] = []
+        batch: list[dict[str, Any]] = []
         for item in walk_ingest(paths, settings, folders):
             if item.kind == SPECIAL:
-                run.add("ignored")  # FIFOs, sockets, devices: never opened
+                run.ignored += 1  # FIFOs, sockets, devices: never opened
                 continue
             if not item.settled(settings.settle_seconds, now):
-                run.add("unsettled")
+                run.unsettled += 1
                 continue
             if str(item.path) in run.pending:
                 continue  # already counted as deferred
             assert item.kind in (FILE, LINK)
-            chunk.append(item)
-            if len(chunk) >= size:
-                _organise_items(run, chunk, size)
-                chunk = []
-        _organise_items(run, chunk, size)
+            _classify(run, item, batch)
+            if len(batch) >= max(1, settings.batch_size):  # one intent per batch
+                run_plan(run, batch)
+                batch = []
+        run_plan(run, batch)
         prune_empty_folders(folders, older_than=time.time() - settings.settle_seconds)
     return OrganiseResult(
         landed=run.landed,
