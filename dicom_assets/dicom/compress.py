@@ -10,9 +10,9 @@ overwrites a stale one instead of leaving litter.
 
 :class:`CompressionBatch` keeps that order for a whole batch of files but
 pays the waits together: the batch's ZIPs are fsynced at the end by
-several threads at once (:func:`~dicom_assets.lake.fileops.fsync_files`) (concurrent fsyncs share the
-filesystem's journal commits: 0.26 ms per file here against 0.61 ms one
-after the other), then each folder once, then the originals are unlinked and
+several threads at once (:func:`~dicom_assets.lake.fileops.fsync_files`;
+concurrent fsyncs share the filesystem's journal commits: 0.26 ms per file
+here against 0.61 ms one after the other), then each folder once, then the originals are unlinked and
 the folders synced again. Until the batch's :meth:`CompressionBatch.finish`,
 a compressed file and its original both exist; a re-run after a crash reads
 the original again and rewrites the ZIP, so nothing is lost either way.

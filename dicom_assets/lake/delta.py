@@ -205,7 +205,7 @@ def upsert(
     first = keys[0]
     with lock():
         lookup = pc.unique(source.column(first)).drop_null().to_pylist()
-        held = read(uri, schema, columns=list(keys), where={first: lookup}) if lookup else schema.empty_table()
+        held = read_in(uri, schema, first, lookup, columns=list(keys))
         known = set(zip(*(held.column(k).to_pylist() for k in keys), strict=True))
         source_keys = zip(*(source.column(k).to_pylist() for k in keys), strict=True)
         is_new = pa.array([k not in known for k in source_keys], pa.bool_())
