@@ -21,6 +21,7 @@ setup(
         "pandas>=2.2",
         "fhir.resources==8.3.0",
         "isal>=1.6",
+        "orjson>=3.9",
     ],
     extras_require={
         "spark": [f"dagster-pyspark=={DAGSTER_LIB_VERSION}", "pyspark>=4.0,<5"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -159,6 +160,20 @@ def replace_with_zip(path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+_writer_pools: dict[int, ThreadPoolExecutor] = {}
+_writer_pools_lock = threading.Lock()
+
+
+def _writer_pool(threads: int) -> ThreadPoolExecutor:
+    # Shared by all batches of a process: a pool per 64-file batch spent more
+    # time starting threads than the threads saved.
+    with _writer_pools_lock:
+        pool = _writer_pools.get(threads)
+        if pool is None:
+            pool = _writer_pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicom-zip")
+        return pool
+
+
 class CompressionBatch:
     """Replace many read files by their ZIPs: writes overlap the reading, folders are synced once.
 
@@ -172,7 +187,7 @@ class CompressionBatch:
     """
 
     def __init__(self, threads: int = WRITER_THREADS, max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicom-zip") if threads > 0 else None
+        self._pool = _writer_pool(threads) if threads > 0 else None
         self._max_inflight = max_inflight_bytes
         self._pending: list[tuple[int, str, str, Future[None], int]] = []
         self._inflight = 0
@@ -241,6 +256,9 @@ class CompressionBatch:
         return failed
 
     def close(self) -> None:
-        """Stop the writer threads (after :meth:`finish`)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """Wait for any writer still running (after :meth:`finish` there is none).
+
+        The writer threads are shared by every batch of the process, so they stay up.
+        """
+        while self._pending:
+            self._settle(self._pending.pop(0))

@@ -3,8 +3,9 @@
 delta-rs holds threads and locks that a forked child inherits in a broken
 state, so the pool always uses the ``spawn`` start method. Each worker writes
 its batch's rows as one Parquet part file straight into the table folder and
-returns only the small add-action record and its failures; the parent commits
-every part in one Delta transaction (the same path the Spark engine takes).
+returns only the small add-action record and its failures; the calling
+process reads batches too (see :func:`iter_batches`) and commits every part
+in one Delta transaction (the same path the Spark engine takes).
 Memory is bounded by batch size times workers, not by the number of files,
 and a lost commit race re-plans the commit without re-reading any file.
 
@@ -21,8 +22,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,38 +83,69 @@ def run_batch(
 def iter_batches(
     tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str
 ) -> Iterator[BatchResult]:
-    """Run every batch, in a spawn pool when there is more than one batch and worker.
+    """Run every batch: in this process, helped by a spawn pool when there is more than one batch and worker.
 
     Up to :data:`INLINE_MAX_FILES` files (and no ``worker_memory_bytes`` cap
-    asked for) are read in this process: starting spawn workers (~0.7 s, each
-    imports the reader afresh) costs more than reading a small study on one
-    core, and small days are the common incremental case.
+    asked for) are read in this process alone: starting a spawn worker (~1 s
+    of CPU, it imports the reader and pyarrow afresh) costs more than reading
+    a small study on one core, and small days are the common incremental case.
+
+    With ``n`` workers this process is one of them and the pool holds ``n - 1``:
+    it reads batches itself while the helpers start and work, so their start-up
+    overlaps useful work instead of leaving the cores idle. Under a
+    ``worker_memory_bytes`` cap every batch goes to the capped pool workers.
     """
-    groups = list(batches(tasks, settings.batch_size))
+    groups = deque(batches(tasks, settings.batch_size))
     workers = min(settings.effective_workers(), len(groups))
     limits = ReadLimits.from_settings(settings)
-    if len(tasks) <= INLINE_MAX_FILES and not worker_address_space_bytes(settings):
+    capped = bool(worker_address_space_bytes(settings))
+    if len(tasks) <= INLINE_MAX_FILES and not capped:
         workers = 1
+
+    def here(group: list[ExtractTask]) -> BatchResult:
+        return run_batch(group, settings.bulk_data_threshold, now, table_dir, limits)
+
     if workers <= 1:
-        for g in groups:
-            yield run_batch(g, settings.bulk_data_threshold, now, table_dir, limits)
+        while groups:
+            yield here(groups.popleft())
         return
+    helpers = workers if capped else workers - 1
+    groups = _split_tail(groups, 2 * workers, settings.batch_size // 4)
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(
-        max_workers=workers,
+        max_workers=helpers,
         mp_context=ctx,
         initializer=init_worker,
         initargs=(worker_address_space_bytes(settings),),
     ) as pool:
-        # A bounded window of batches in flight keeps memory flat on huge days.
-        window = workers * 2
-        pending: list[Future[BatchResult]] = []
-        for g in groups:
-            pending.append(pool.submit(run_batch, g, settings.bulk_data_threshold, now, table_dir, limits))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        while pending:
-            yield pending.pop(0).result()
+        # Two batches per helper in flight: one running, one queued so it never
+        # waits for this process to hand it the next. The window also bounds memory.
+        window = helpers * 2
+        pending: set[Future[BatchResult]] = set()
+        while groups or pending:
+            while groups and len(pending) < window:
+                pending.add(pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits))
+            if groups and not capped:
+                yield here(groups.popleft())
+                done = {f for f in pending if f.done()}
+                pending -= done
+            else:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+
+
+def _split_tail(groups: deque[list[ExtractTask]], count: int, size: int) -> deque[list[ExtractTask]]:
+    """The last ``count`` batches cut into batches of ``size``.
+
+    Whoever finishes first at the end waits for the others' last batches;
+    smaller batches there keep that wait short.
+    """
+    if size < 1 or len(groups) <= count:
+        return groups
+    head = list(groups)[:-count]
+    tail = [t for g in list(groups)[-count:] for t in g]
+    return deque(head + list(batches(tail, size)))
 
 
 def run_extraction(

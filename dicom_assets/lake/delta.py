@@ -9,12 +9,14 @@ time; delta-rs then raises ``CommitFailedError`` and we retry with backoff.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -76,13 +78,16 @@ def conform(table: pa.Table | Sequence[dict[str, Any]], schema: pa.Schema) -> pa
     """Return ``table`` with exactly ``schema``'s columns, order and types."""
     if not isinstance(table, pa.Table):
         return pa.Table.from_pylist(list(table), schema=schema)
+    if table.schema.equals(schema, check_metadata=True):
+        return table
+    have = dict(zip(table.column_names, table.columns, strict=True))
     cols = []
     for f in schema:
-        if f.name in table.column_names:
-            col = table.column(f.name)
-            cols.append(col if col.type == f.type else col.cast(f.type))
-        else:
+        col = have.get(f.name)
+        if col is None:
             cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            cols.append(col if col.type == f.type else col.cast(f.type))
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -275,8 +280,9 @@ def iter_read(
     # casting to the declared schema and filtering afterwards is exact and safe.
     files = dt.file_uris(file_pruning_predicate=prune) if prune else dt.file_uris()
     sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
+    whole = _wholly_matching(dt, wanted, full) if wanted else set()
     for f in files:
-        if not sets:
+        if not sets or os.path.basename(f) in whole:
             yield conform(pq.read_table(f, columns=target.names), target)
             continue
         pf = pq.ParquetFile(f)
@@ -299,6 +305,36 @@ def iter_read(
             offset += n
         data = conform(pf.read_row_groups(groups, columns=target.names), target)
         yield data.filter(pa.concat_arrays(masks))
+
+
+#: delta-rs cuts string statistics to this many characters; a value this long
+#: might equal a truncated bound without equalling the rows.
+_STATS_PREFIX = 32
+
+
+def _wholly_matching(dt: DeltaTable, wanted: Mapping[str, list[Any]], full: pa.Schema) -> set[str]:
+    """Names of data files every row of which matches ``wanted``, by the log's statistics.
+
+    A file qualifies when, for each column, its min equals its max, that value
+    is wanted and it has no nulls (a day's extraction part files, for the
+    ``ingestDate`` of that day). Such a file is read whole, without first
+    reading its key columns to find the rows.
+    """
+    if any(isinstance(v, str) and len(v) >= _STATS_PREFIX for vals in wanted.values() for v in vals):
+        return set()
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if adds.num_rows == 0 or any(f"min.{c}" not in adds.column_names for c in wanted):
+        return set()
+    ok = None
+    for c, vals in wanted.items():
+        typ = full.field(c).type
+        lo, hi = adds.column(f"min.{c}").cast(typ), adds.column(f"max.{c}").cast(typ)
+        nulls = adds.column(f"null_count.{c}") if f"null_count.{c}" in adds.column_names else pa.nulls(adds.num_rows, pa.int64())
+        m = pc.and_(pc.and_(pc.equal(lo, hi), pc.is_in(lo, value_set=pa.array(vals, typ))), pc.equal(nulls, 0))
+        ok = m if ok is None else pc.and_(ok, m)
+    assert ok is not None
+    hits = pc.fill_null(ok, False).to_pylist()
+    return {os.path.basename(unquote(p)) for p, hit in zip(adds.column("path").to_pylist(), hits, strict=True) if hit}
 
 
 def read_day(uri: str | Path, schema: pa.Schema, day: str, *, columns: Sequence[str] | None = None) -> pa.Table:

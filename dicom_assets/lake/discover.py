@@ -77,10 +77,10 @@ class LandedFile:
     ingest_date: str = ""
 
     def to_json(self, paths: LakePaths) -> dict[str, Any]:
-        try:
-            rel = Path(self.process_path).relative_to(paths.root).as_posix()
-        except ValueError:
-            rel = self.process_path
+        # String prefix, not Path.relative_to: this runs for every landed file.
+        root = str(paths.root).rstrip("/") + "/"
+        p = self.process_path
+        rel = p[len(root):] if p.startswith(root) and len(p) > len(root) else p
         return {
             "processPath": rel,
             "originalPath": self.original_path,
@@ -95,7 +95,7 @@ class LandedFile:
     def from_json(cls, paths: LakePaths, rec: dict[str, Any]) -> LandedFile:
         p = str(rec["processPath"])
         return cls(
-            process_path=p if os.path.isabs(p) else str(paths.root / p),
+            process_path=p if os.path.isabs(p) else os.path.join(paths.root, p),
             original_path=str(rec.get("originalPath", "")),
             source_system=str(rec.get("sourceSystem", "")),
             sha256=rec.get("contentSha256"),
@@ -256,12 +256,12 @@ def journal_file(paths: LakePaths, ns: str, day: str) -> Path:
 
 def append_landed(paths: LakePaths, records: Iterable[LandedFile]) -> None:
     """Append landed records to their (namespace, day) journals, fsynced."""
-    groups: dict[Path, list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for r in records:
         line = json.dumps(r.to_json(paths), ensure_ascii=True, sort_keys=True)
-        groups.setdefault(journal_file(paths, r.source_system, r.ingest_date), []).append(line)
-    for jf, lines in groups.items():
-        fileops.append_lines(jf, lines)
+        groups.setdefault((r.source_system, r.ingest_date), []).append(line)
+    for (ns, day), lines in groups.items():
+        fileops.append_lines(journal_file(paths, ns, day), lines)
 
 
 def load_landed(paths: LakePaths, ns: str, day: str) -> LandedIndex:

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,12 +81,25 @@ def fsync_file(path: str | Path) -> BaseException | None:
     return None
 
 
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
+def _shared_fsync_pool() -> ThreadPoolExecutor:
+    # One pool per process, started on first use: starting eight threads for
+    # every batch cost more than the fsyncs they overlapped on small batches.
+    global _fsync_pool
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
+        return _fsync_pool
+
+
 def fsync_files(paths: Sequence[str | Path]) -> list[BaseException | None]:
     """fsync every file, :data:`FSYNC_THREADS` at a time; one error (or None) per path."""
     if len(paths) <= 1:
         return [fsync_file(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=min(FSYNC_THREADS, len(paths)), thread_name_prefix="fsync") as pool:
-        return list(pool.map(fsync_file, paths))
+    return list(_shared_fsync_pool().map(fsync_file, paths))
 
 
 def ensure_dir(path: Path) -> None:
@@ -131,9 +145,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write. ``ensure_ascii`` keeps undecodable path bytes (surrogates) round-trippable."""
-    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=True, sort_keys=True, indent=1).encode("ascii"))
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Atomic JSON write. ``ensure_ascii`` keeps undecodable path bytes (surrogates) round-trippable.
+
+    ``indent=None`` writes one line with the stdlib's C encoder (any indent
+    makes it fall back to its pure-Python one): for machine-only files.
+    """
+    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=True, sort_keys=True, indent=indent).encode("ascii"))
 
 
 def read_json(path: Path) -> Any:
@@ -178,16 +196,22 @@ def read_head(path: Path, n: int) -> bytes:
         os.close(fd)
 
 
+def sha256_fd(fd: int) -> str:
+    """Lowercase hex SHA-256 of an open file's bytes from its start (the offset is left at the end)."""
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     """Lowercase hex SHA-256 of a regular file's bytes (never follows a symlink)."""
-    h = hashlib.sha256()
     fd = open_regular(path)
     try:
-        while chunk := os.read(fd, CHUNK):
-            h.update(chunk)
+        return sha256_fd(fd)
     finally:
         os.close(fd)
-    return h.hexdigest()
 
 
 def _copy_to_part(src: Path, dst: Path, expect_sha256: str | None) -> Path:
@@ -319,6 +343,7 @@ __all__ = [
     "part_path",
     "atomic_write_bytes",
     "atomic_write_json",
+    "sha256_fd",
     "read_json",
     "append_lines",
     "open_regular",

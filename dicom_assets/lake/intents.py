@@ -1,6 +1,6 @@
 """The organise step's intent journal: plans written before anything moves, rolled forward after a crash.
 
-A *plan* (a batch of plain files, or one ZIP) lists every step: source,
+A *plan* (a batch of plain files and whole ZIPs) lists every step: source,
 target, expected SHA-256, source stat, and the record to write (landed
 journal line or ``.error.json``). :func:`run_plan` writes it durably to
 ``_state/organise/intents`` before acting; :func:`execute` brings each step
@@ -164,7 +164,8 @@ def _do_step(step: dict[str, Any], sync: set[Path]) -> bool:
 
 
 def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
-    """Do every step, sync folders, write records, delete a fully landed ZIP, then remove the intent."""
+    """Do every step, sync folders, write records, delete fully landed ZIPs, then remove the intent."""
+    plan = _normalised(plan)
     sync: set[Path] = set()
     done: list[dict[str, Any]] = []
     retry = False
@@ -188,32 +189,54 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
     fileops.crash_point("organise:recorded")
     if retry:
         # An I/O error (disk full, permissions): keep the plan so the next run
-        # finishes it; its sources are not planned again meanwhile.
+        # finishes it; its sources are not planned again meanwhile. A ZIP whose
+        # members all landed is deleted by that run (it has no step left).
         plan["recovering"] = True
         plan["steps"] = [s for s in plan["steps"] if s not in done]  # the done ones are recorded
-        fileops.atomic_write_json(plan_file, plan)
+        fileops.atomic_write_json(plan_file, plan, indent=None)
         run.pending.update(_plan_sources(plan))
-        if plan.get("staging"):
-            run.staging_in_use.add(plan["staging"])
+        run.staging_in_use.update(plan["stagings"])
         run.deferred += len(plan["steps"])
         return
-    z = plan.get("zip")
-    if z and len(done) == len(plan["steps"]) and same_stat(Path(z["src"]), z["stat"]):
-        os.unlink(z["src"])
-        fileops.fsync_dir(Path(z["src"]).parent)
-        fileops.crash_point("organise:zip_deleted")
-    elif z and os.path.lexists(z["src"]) and len(done) != len(plan["steps"]):
-        log.error("organise: ZIP %s kept: not every member landed", fileops.display_path(z["src"]))
+    _delete_landed_zips(plan, done)
     os.unlink(plan_file)
-    if plan.get("staging"):
-        shutil.rmtree(plan["staging"], ignore_errors=True)
+    for staging in plan["stagings"]:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _delete_landed_zips(plan: dict[str, Any], done: list[dict[str, Any]]) -> None:
+    """Unlink each ZIP of the plan whose member steps are all done and which is unchanged."""
+    finished = {id(s) for s in done}
+    folders: set[Path] = set()
+    for i, z in enumerate(plan["zips"]):
+        members_done = all(id(s) in finished for s in plan["steps"] if s.get("zip") == i)
+        if members_done and same_stat(Path(z["src"]), z["stat"]):
+            os.unlink(z["src"])
+            folders.add(Path(z["src"]).parent)
+            fileops.crash_point("organise:zip_deleted")
+        elif not members_done and os.path.lexists(z["src"]):
+            log.error("organise: ZIP %s kept: not every member landed", fileops.display_path(z["src"]))
+    fileops.sync_all(folders)
+
+
+def _normalised(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan with ``zips`` and ``stagings`` lists (plans of earlier versions held one ``zip``/``staging``)."""
+    if "zip" in plan:
+        z = plan.pop("zip")
+        plan["zips"] = [z] if z else []
+        if z:
+            for step in plan["steps"]:
+                step.setdefault("zip", 0)
+    if "staging" in plan:
+        st = plan.pop("staging")
+        plan["stagings"] = [st] if st else []
+    plan.setdefault("zips", [])
+    plan.setdefault("stagings", [])
+    return plan
 
 
 def _plan_sources(plan: dict[str, Any]) -> set[str]:
-    out = {s["src"] for s in plan["steps"]}
-    if plan.get("zip"):
-        out.add(plan["zip"]["src"])
-    return out
+    return {s["src"] for s in plan["steps"]} | {z["src"] for z in plan["zips"]}
 
 
 def _not_yet_journalled(paths: LakePaths, landed: list[LandedFile]) -> list[LandedFile]:
@@ -229,14 +252,56 @@ def _not_yet_journalled(paths: LakePaths, landed: list[LandedFile]) -> list[Land
 
 
 def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> None:
-    """Write the plan durably, then execute it (``zip``/``staging`` in ``extra`` for an archive)."""
-    if not steps and not extra.get("zip"):
+    """Write the plan durably, then execute it (``zips``/``stagings`` in ``extra``: see :class:`PlanBatch`)."""
+    if not steps and not extra.get("zips"):
         return
     plan = {"steps": steps, **extra}
     plan_file = _plan_path(run)
-    fileops.atomic_write_json(plan_file, plan)
+    fileops.atomic_write_json(plan_file, plan, indent=None)
     fileops.crash_point("organise:intent")
     execute(run, plan, plan_file)
+
+
+@dataclass
+class PlanBatch:
+    """Steps gathered into one plan: plain files, and whole ZIPs whose archive goes once all members landed.
+
+    One plan (and its intent file, folder syncs and journal append) per batch
+    rather than per ZIP: with archives of a dozen files, the per-plan fsyncs
+    cost more than the moves. Every staging folder listed is durable before
+    the plan is written (see :func:`dicom_assets.lake.organise._organise_zip`).
+    """
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    zips: list[dict[str, Any]] = field(default_factory=list)
+    stagings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: dict[str, Any]) -> None:
+        """A file found in Ingest (or a ZIP refused whole)."""
+        self.steps.append(step)
+
+    def add_zip(self, steps: list[dict[str, Any]], *, src: str, stat: list[int], staging: str) -> None:
+        """A ZIP's staged members; the archive is deleted once they all landed and it is unchanged."""
+        index = len(self.zips)
+        self.zips.append({"src": src, "stat": stat})
+        for step in steps:
+            step["zip"] = index
+        self.steps.extend(steps)
+        self.stagings.append(staging)
+
+    def add_staged(self, steps: list[dict[str, Any]], staging: str) -> None:
+        """Staged members whose archive has its own step (a partly corrupt ZIP going to Failed)."""
+        self.steps.extend(steps)
+        self.stagings.append(staging)
+
+    def flush(self, run: OrganiseRun) -> None:
+        """Run the gathered plan, then start empty."""
+        steps, zips, stagings = self.steps, self.zips, self.stagings
+        self.steps, self.zips, self.stagings = [], [], []
+        run_plan(run, steps, zips=zips, stagings=stagings)
 
 
 def recover(run: OrganiseRun) -> None:

@@ -1,13 +1,13 @@
 """Organise (asset 1, SPEC §3.1): Ingest → Process, ZIPs extracted, refusals to Failed.
 
 Crash safety rests on an intent journal in ``_state/organise/intents``. Work
-is done in *plans*: a batch of plain files, or one ZIP. A plan lists every
+is done in *plans*: a batch of plain files and whole ZIPs. A plan lists every
 step (source, target, expected SHA-256, source stat, the record to write) and
 is written and fsynced **before** anything moves; ZIP members are first
 extracted into a staging folder (and fsynced) so a plan's sources are always
 durable. Executing a plan moves each step (atomic rename, or copy + fsync +
 rename + unlink across filesystems), fsyncs the touched folders, then writes
-the records (landed journal, ``.error.json``), deletes the ZIP, and last
+the records (landed journal, ``.error.json``), deletes each ZIP whose members all landed, and last
 removes the intent. Each step is idempotent by the state on disk:
 
 * target there, source gone → done; target and source there → a cross-fs copy
@@ -62,7 +62,7 @@ from dicom_assets.lake.failures import (
     list_failed,
     move_to_failed,
 )
-from dicom_assets.lake.intents import OrganiseRun, item_step, plan_step, recover, run_plan, same_stat
+from dicom_assets.lake.intents import OrganiseRun, PlanBatch, item_step, plan_step, recover, same_stat
 from dicom_assets.lake.paths import LakePaths
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,11 @@ class OrganiseResult:
 # --------------------------------------------------------------------------- items
 
 
-def _classify(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -> None:
+def _classify(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
     original = fileops.display_path(item.path)
 
     def fail(error_class: str, message: str, sha: str | None = None) -> None:
-        batch.append(item_step(run, item, "fail", sha, (error_class, message)))
+        batch.add(item_step(run, item, "fail", sha, (error_class, message)))
 
     if item.kind == LINK:
         if run.paths.is_inside(item.path):
@@ -105,38 +105,49 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -
             fail("SymlinkOutsideLake", "symlink resolves outside the lake; not followed, the link itself was moved")
         return
     try:
-        head = fileops.read_head(item.path, SNIFF_BYTES)
+        # One open for the sniff and the hash: a second open per file cost more than the read.
+        fd = fileops.open_regular(item.path)
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
         run.deferred += 1
         return
-    if zipsafe.is_zip_magic(head):
-        _organise_zip(run, item, batch)
-        return
-    lower = os.fsdecode(item.path.name).lower()
-    is_dicom = looks_like_dicom(head)
-    if not (is_dicom or lower.endswith(".dcm") or lower.endswith(".zip")):
-        run.ignored += 1
-        return
-    if item.size > run.settings.max_file_bytes:
-        fail("TooLarge", f"{item.size} bytes, limit max_file_bytes={run.settings.max_file_bytes}")
-        return
+    sha: str | None = None
     try:
-        sha = fileops.sha256_file(item.path)
+        head = os.pread(fd, SNIFF_BYTES, 0)
+        if zipsafe.is_zip_magic(head):
+            verdict = "zip"
+        else:
+            lower = os.fsdecode(item.path.name).lower()
+            is_dicom = looks_like_dicom(head)
+            if not (is_dicom or lower.endswith(".dcm") or lower.endswith(".zip")):
+                verdict = "ignore"
+            elif item.size > run.settings.max_file_bytes:
+                verdict = "TooLarge"
+            else:
+                sha = fileops.sha256_fd(fd)
+                verdict = "land" if is_dicom else "NotDicom" if lower.endswith(".dcm") else "CorruptZip"
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
         run.deferred += 1
         return
-    if is_dicom:
-        batch.append(item_step(run, item, "land", sha))
-    elif lower.endswith(".dcm"):
+    finally:
+        os.close(fd)
+    if verdict == "zip":
+        _organise_zip(run, item, batch)
+    elif verdict == "ignore":
+        run.ignored += 1
+    elif verdict == "TooLarge":
+        fail("TooLarge", f"{item.size} bytes, limit max_file_bytes={run.settings.max_file_bytes}")
+    elif verdict == "land":
+        batch.add(item_step(run, item, "land", sha))
+    elif verdict == "NotDicom":
         fail("NotDicom", "named .dcm but no DICM prefix at byte 128 and no dataset start", sha)
     else:
         fail("CorruptZip", "named .zip but not a ZIP archive", sha)
 
 
-def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]]) -> None:
-    """Extract to staging, check everything, then publish all members in one plan."""
+def _organise_zip(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
+    """Extract to staging, check everything, then add all members to the batch's plan."""
     original = fileops.display_path(item.path)
     staging = run.state / "staging" / uuid.uuid4().hex
     fileops.ensure_dir(staging)
@@ -150,7 +161,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
     except zipsafe.ZipRefused as exc:
         shutil.rmtree(staging, ignore_errors=True)
         sha = fileops.sha256_file(item.path) if item.size <= run.settings.max_zip_bytes else None
-        batch.append(item_step(run, item, "fail", sha, (exc.error_class, fileops.display_path(exc.message))))
+        batch.add(item_step(run, item, "fail", sha, (exc.error_class, fileops.display_path(exc.message))))
         return
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -161,13 +172,13 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
     if corrupt and not kept:
         shutil.rmtree(staging, ignore_errors=True)
         sha = fileops.sha256_file(item.path)
-        batch.append(item_step(run, item, "fail", sha, ("CorruptZip", fileops.display_path(corrupt[0][1]))))
+        batch.add(item_step(run, item, "fail", sha, ("CorruptZip", fileops.display_path(corrupt[0][1]))))
         return
     if not kept:
         shutil.rmtree(staging, ignore_errors=True)
         if os.fsdecode(item.path.name).lower().endswith(".dcm"):
             sha = fileops.sha256_file(item.path)
-            batch.append(item_step(run, item, "fail", sha, ("NotDicom", "named .dcm but a ZIP without DICOM")))
+            batch.add(item_step(run, item, "fail", sha, ("NotDicom", "named .dcm but a ZIP without DICOM")))
         else:
             run.ignored += 1  # a ZIP without DICOM (an office document, a README bundle) is not ours
         return
@@ -210,9 +221,9 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: list[dict[str, Any]
         names = ", ".join(repr("!".join(c)) for c, _m in corrupt[:5])
         message = f"{len(corrupt)} unreadable member(s) ({names}); {len(kept)} member(s) extracted: {corrupt[0][1]}"
         steps.append(item_step(run, item, "fail", fileops.sha256_file(item.path), ("CorruptZip", fileops.display_path(message))))
-        run_plan(run, steps, staging=str(staging))
+        batch.add_staged(steps, str(staging))
         return
-    run_plan(run, steps, zip={"src": str(item.path), "stat": item.stat_key()}, staging=str(staging))
+    batch.add_zip(steps, src=str(item.path), stat=item.stat_key(), staging=str(staging))
 
 
 def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | None = None) -> OrganiseResult:
@@ -234,7 +245,7 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
     folders: list[Path] = []
     with fileops.exclusive_lock(run.state / "lock"):
         recover(run)
-        batch: list[dict[str, Any]] = []
+        batch = PlanBatch()
         for item in walk_ingest(paths, settings, folders):
             if item.kind == SPECIAL:
                 run.ignored += 1  # FIFOs, sockets, devices: never opened
@@ -247,9 +258,8 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
             assert item.kind in (FILE, LINK)
             _classify(run, item, batch)
             if len(batch) >= max(1, settings.batch_size):  # one intent per batch
-                run_plan(run, batch)
-                batch = []
-        run_plan(run, batch)
+                batch.flush(run)
+        batch.flush(run)
         prune_empty_folders(folders, older_than=time.time() - settings.settle_seconds)
     return OrganiseResult(
         landed=run.landed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 DEFAULT_NAMESPACE = "default"
@@ -27,6 +28,7 @@ class LakePaths:
     """Folders of one lake rooted at ``root``.
 
     ``day`` arguments are partition keys ``yyyy/mm/dd`` (the UTC arrival day).
+    The fixed folders are computed once per instance (organise asks for them per file).
     """
 
     root: Path
@@ -35,27 +37,27 @@ class LakePaths:
     def of(cls, root: str | Path) -> LakePaths:
         return cls(Path(root).resolve())
 
-    @property
+    @cached_property
     def files(self) -> Path:
         return self.root / "bronze" / "Files"
 
-    @property
+    @cached_property
     def ingest_root(self) -> Path:
         return self.files / "Ingest" / "Imaging" / "DICOM"
 
-    @property
+    @cached_property
     def external_root(self) -> Path:
         return self.files / "External" / "Imaging" / "DICOM"
 
-    @property
+    @cached_property
     def process_root(self) -> Path:
         return self.files / "Process" / "Imaging" / "DICOM"
 
-    @property
+    @cached_property
     def failed_root(self) -> Path:
         return self.files / "Failed" / "Imaging" / "DICOM"
 
-    @property
+    @cached_property
     def state_dir(self) -> Path:
         """Internal bookkeeping (journals, External read-state); never user data."""
         return self.root / "_state"

@@ -47,3 +47,20 @@ def test_a_memory_cap_or_a_big_day_starts_the_pool(tmp_path: Path, monkeypatch: 
     tasks = [task(tmp_path / f"absent{i}.dcm") for i in range(n)]
     with pytest.raises(PoolStarted):
         list(local.iter_batches(tasks, settings, NOW, str(tmp_path)))
+
+
+def test_with_two_workers_this_process_reads_beside_one_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller is one of the workers: it reads batches while the spawned helper reads the others."""
+    here = {"batches": 0}
+    real = local.extract_batch_arrow
+
+    def counted(*a: Any, **k: Any) -> Any:  # patched in this process only; the helper runs the real one
+        here["batches"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(local, "extract_batch_arrow", counted)
+    (tmp_path / "table").mkdir()
+    tasks = _tasks(tmp_path, local.INLINE_MAX_FILES + 1)
+    results = list(local.iter_batches(tasks, Settings(workers=2, batch_size=64), NOW, str(tmp_path / "table")))
+    assert sum(rows for _add, _fails, rows in results) == len(tasks)
+    assert 1 <= here["batches"] < len(results)

@@ -37,7 +37,8 @@ RUNNER = (
     "from dicom_assets.lake.paths import LakePaths\n"
     "from dicom_assets.lake.organise import organise\n"
     "root = sys.argv[1]\n"
-    "organise(LakePaths.of(root), Settings(lake=root, settle_seconds=0, batch_size=2), sys.argv[2])\n"
+    "batch = int(sys.argv[3]) if len(sys.argv) > 3 else 2\n"
+    "organise(LakePaths.of(root), Settings(lake=root, settle_seconds=0, batch_size=batch), sys.argv[2])\n"
 )
 EPOCH = re.compile(r"(^|/)\d{10}\.\d{6}_")
 
@@ -90,13 +91,13 @@ def _lake(tmp_path: Path, seed: Path, process_elsewhere: Path | None = None) -> 
     return root
 
 
-def _run(root: Path, kill: str | None = None) -> int:
+def _run(root: Path, kill: str | None = None, batch: int = 2) -> int:
     env = {k: v for k, v in os.environ.items() if k != "DICOM_ASSETS_KILL_AT"}
     if kill:
         env["DICOM_ASSETS_KILL_AT"] = kill
     env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(root), DAY], env=env, cwd=PROJECT, capture_output=True, timeout=120
+        [sys.executable, "-c", RUNNER, str(root), DAY, str(batch)], env=env, cwd=PROJECT, capture_output=True, timeout=120
     )
     if r.returncode not in (0, -9):
         raise AssertionError(r.stderr.decode(errors="replace"))
@@ -188,6 +189,40 @@ def test_kill_then_rerun_matches_an_uninterrupted_run(
 ) -> None:
     root = _lake(tmp_path, seed)
     assert _run(root, kill) == -9, f"never reached {kill}"
+    assert _run(root) == 0
+    assert _state(root) == baseline
+
+
+@pytest.mark.parametrize("kill", ["organise:zip_deleted:1", "organise:step:6", "organise:synced:1", "organise:recorded:1"])
+def test_kill_inside_one_plan_of_every_file_and_zip(
+    kill: str, seed: Path, baseline: dict[str, Any], tmp_path: Path
+) -> None:
+    """With a batch larger than the drop, both ZIPs and the loose files share one plan."""
+    root = _lake(tmp_path, seed)
+    assert _run(root, kill, batch=64) == -9, f"never reached {kill}"
+    intents = list((LakePaths.of(root).state_dir / "organise" / "intents").iterdir())
+    assert len(intents) == 1 and len(json.loads(intents[0].read_bytes())["zips"]) == 2
+    assert _run(root, batch=64) == 0
+    assert _state(root) == baseline
+
+
+def test_a_plan_in_the_one_zip_format_of_earlier_versions_is_rolled_forward(
+    seed: Path, baseline: dict[str, Any], tmp_path: Path
+) -> None:
+    """Intents left by a version that wrote ``zip``/``staging`` (one ZIP per plan) still recover."""
+    for n in range(1, 12):
+        root = _lake(tmp_path / str(n), seed)
+        assert _run(root, f"organise:intent:{n}", batch=1) == -9
+        (intent,) = (LakePaths.of(root).state_dir / "organise" / "intents").iterdir()
+        plan = json.loads(intent.read_bytes())
+        if plan["zips"]:
+            break
+    else:
+        pytest.fail("no plan with a ZIP among the first intents")
+    (z,), (staging,) = plan.pop("zips"), plan.pop("stagings")
+    for step in plan["steps"]:
+        assert step.pop("zip") == 0
+    intent.write_text(json.dumps({**plan, "zip": z, "staging": staging}))
     assert _run(root) == 0
     assert _state(root) == baseline
 
