@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,32 +281,70 @@ def iter_read(
     # pyarrow cannot compare with string literals; reading each pruned file,
     # casting to the declared schema and filtering afterwards is exact and safe.
     files = dt.file_uris(file_pruning_predicate=prune) if prune else dt.file_uris()
+    if not files:
+        return
     sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
-    whole = _wholly_matching(dt, wanted, full) if wanted else set()
-    for f in files:
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    whole = _wholly_matching(adds, wanted, full) if wanted else set()
+
+    def load(f: str) -> pa.Table | None:
         if not sets or os.path.basename(f) in whole:
-            yield conform(pq.read_table(f, columns=target.names), target)
-            continue
-        pf = pq.ParquetFile(f)
-        keys = conform(pf.read(columns=list(sets)), pa.schema([full.field(c) for c in sets]))
-        mask = None
-        for c, values in sets.items():
-            m = pc.is_in(keys.column(c), value_set=values)
-            mask = m if mask is None else pc.and_(mask, m)
-        assert mask is not None
-        hits = pc.fill_null(mask, False).combine_chunks()
-        if not pc.any(hits).as_py():
-            continue
-        groups, offset, masks = [], 0, []
-        for i in range(pf.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            piece = hits.slice(offset, n)
-            if pc.any(piece).as_py():
-                groups.append(i)
-                masks.append(piece)
-            offset += n
-        data = conform(pf.read_row_groups(groups, columns=target.names), target)
-        yield data.filter(pa.concat_arrays(masks))
+            return conform(pq.read_table(f, columns=target.names), target)
+        return _matching_rows(f, sets, full, target)
+
+    sizes = dict(zip((os.path.basename(unquote(p)) for p in adds.column("path").to_pylist()), adds.column("size_bytes").to_pylist(), strict=True))
+    if len(files) > 1 and all(sizes.get(os.path.basename(f), READ_AHEAD_MAX_BYTES + 1) <= READ_AHEAD_MAX_BYTES for f in files):
+        # Many small files (a day of extraction parts): pyarrow decodes
+        # without the GIL, so a few read at once; order and memory stay bounded.
+        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="delta-read") as pool:
+            ahead: deque[Future[pa.Table | None]] = deque()
+            for f in files:
+                ahead.append(pool.submit(load, f))
+                if len(ahead) > READ_AHEAD:
+                    t = ahead.popleft().result()
+                    if t is not None:
+                        yield t
+            while ahead:
+                t = ahead.popleft().result()
+                if t is not None:
+                    yield t
+        return
+    for f in files:
+        t = load(f)
+        if t is not None:
+            yield t
+
+
+#: Data files up to this size are read :data:`READ_AHEAD` at a time by :func:`iter_read`.
+READ_AHEAD_MAX_BYTES = 4 << 20
+READ_AHEAD = 4
+
+
+def _matching_rows(f: str, sets: Mapping[str, pa.Array], full: pa.Schema, target: pa.Schema) -> pa.Table | None:
+    """The rows of data file ``f`` whose ``sets`` columns hold wanted values (``None``: none do).
+
+    Only the key columns are read first; the others only of the row groups that hold a match.
+    """
+    pf = pq.ParquetFile(f)
+    keys = conform(pf.read(columns=list(sets)), pa.schema([full.field(c) for c in sets]))
+    mask = None
+    for c, values in sets.items():
+        m = pc.is_in(keys.column(c), value_set=values)
+        mask = m if mask is None else pc.and_(mask, m)
+    assert mask is not None
+    hits = pc.fill_null(mask, False).combine_chunks()
+    if not pc.any(hits).as_py():
+        return None
+    groups, offset, masks = [], 0, []
+    for i in range(pf.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        piece = hits.slice(offset, n)
+        if pc.any(piece).as_py():
+            groups.append(i)
+            masks.append(piece)
+        offset += n
+    data = conform(pf.read_row_groups(groups, columns=target.names), target)
+    return data.filter(pa.concat_arrays(masks))
 
 
 #: delta-rs cuts string statistics to this many characters; a value this long
@@ -312,7 +352,7 @@ def iter_read(
 _STATS_PREFIX = 32
 
 
-def _wholly_matching(dt: DeltaTable, wanted: Mapping[str, list[Any]], full: pa.Schema) -> set[str]:
+def _wholly_matching(adds: pa.Table, wanted: Mapping[str, list[Any]], full: pa.Schema) -> set[str]:
     """Names of data files every row of which matches ``wanted``, by the log's statistics.
 
     A file qualifies when, for each column, its min equals its max, that value
@@ -322,7 +362,6 @@ def _wholly_matching(dt: DeltaTable, wanted: Mapping[str, list[Any]], full: pa.S
     """
     if any(isinstance(v, str) and len(v) >= _STATS_PREFIX for vals in wanted.values() for v in vals):
         return set()
-    adds = pa.table(dt.get_add_actions(flatten=True))
     if adds.num_rows == 0 or any(f"min.{c}" not in adds.column_names for c in wanted):
         return set()
     ok = None

@@ -323,6 +323,33 @@ def display_path(path: Path | str) -> str:
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
+def count_files(root: Path, skip_suffix: str = "", *, only_suffix: str = "") -> int:
+    """Files under ``root`` (links to files included, as ``Path.is_file`` counts them).
+
+    Names ending in ``skip_suffix`` are left out; with ``only_suffix`` only
+    names ending in it count. ``os.scandir`` knows most entries' types without
+    a ``stat`` each: the summary of a 100,000-file lake took seconds with ``rglob``.
+    """
+    count = 0
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                count += count_files(Path(entry.path), skip_suffix, only_suffix=only_suffix)
+            elif (
+                entry.is_file()
+                and not (skip_suffix and entry.name.endswith(skip_suffix))
+                and entry.name.endswith(only_suffix)
+            ):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
 @contextmanager
 def exclusive_lock(lock_file: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_file`` (serialises organise runs and state writes)."""
@@ -356,4 +383,5 @@ __all__ = [
     "fit_name",
     "display_path",
     "exclusive_lock",
+    "count_files",
 ]

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from dicom_assets.fhir.identity import imaging_study_id
 from dicom_assets.lake import delta
+from dicom_assets.lake.fileops import count_files
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import (
     FAILURES_SCHEMA,
@@ -39,14 +40,10 @@ def metastore_reconciles(paths: LakePaths, day: str) -> Result:
     failed_files = 0
     if paths.process_root.exists():
         for ns in paths.process_root.iterdir():
-            d = paths.process_dir(ns.name, day)
-            if d.exists():
-                process_files += sum(1 for p in d.rglob("*") if p.is_file())
+            process_files += count_files(paths.process_dir(ns.name, day))
     if paths.failed_root.exists():
         for ns in paths.failed_root.iterdir():
-            d = paths.failed_dir(ns.name, day)
-            if d.exists():
-                failed_files += sum(1 for p in d.rglob("*.error.json"))
+            failed_files += count_files(paths.failed_dir(ns.name, day), only_suffix=".error.json")
     root = str(paths.process_root)
     rows_from_process = sum(1 for p in rows.column("filePath").to_pylist() if p and p.startswith(root))
     fail_root = str(paths.failed_root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dicom_assets.runner import count_files
+from dicom_assets.lake.fileops import count_files
 
 
 def test_count_matches_rglob(tmp_path: Path) -> None:
@@ -20,4 +20,5 @@ def test_count_matches_rglob(tmp_path: Path) -> None:
     os.symlink(day, root / "link_to_dir")
     assert count_files(root) == sum(1 for p in root.rglob("*") if p.is_file()) == 5
     assert count_files(root, ".error.json") == sum(1 for p in root.rglob("*") if p.is_file() and not p.name.endswith(".error.json"))
+    assert count_files(root, only_suffix=".error.json") == 1 == len(list(root.rglob("*.error.json")))
     assert count_files(tmp_path / "absent") == 0
