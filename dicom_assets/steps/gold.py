@@ -36,6 +36,11 @@ INSTANCE_COLUMNS = [
 ]
 
 IDMAPS = ("image_occurrence", "person", "procedure_occurrence")
+#: Study columns the OMOP mapping reads: not the resource's JSON text nor the flattened copies.
+STUDY_COLUMNS = [
+    n for n in SILVER_IMAGINGSTUDY_SCHEMA.names
+    if n not in ("fhirContent", "identifier_string", "subject_string", "modality_string", "series_string")
+]
 
 
 @dataclass(frozen=True)
@@ -112,18 +117,46 @@ def _changed_predicate(schema: pa.Schema, skip: Sequence[str]) -> str:
     return " OR ".join(f"(s.`{c}` IS DISTINCT FROM t.`{c}`)" for c in cols)
 
 
+#: Studies mapped per round of :func:`build_gold`: its memory is bounded by this
+#: many studies, not by the size of the day.
+STUDIES_PER_ROUND = 500
+
+
 def build_gold(paths: LakePaths, settings: Settings, day: str, *, now: datetime | None = None) -> GoldResult:
-    """Map every study touched by ``day`` (whole study, all days' instances) and merge into gold."""
+    """Map every study touched by ``day`` (whole study, all days' instances) and merge into gold.
+
+    Studies are taken :data:`STUDIES_PER_ROUND` at a time in (namespace,
+    StudyInstanceUID) order; each round assigns its ids and merges its rows.
+    """
     now = now or datetime.now(UTC)
-    studies = touched_studies(paths, day)
+    studies = sorted(set(touched_studies(paths, day)))
+    concepts = ConceptResolver.from_settings(
+        settings.modality_concept_map, settings.body_part_concept_map, settings.omop_vocabulary_dir
+    )
+    rounds = [studies[i : i + STUDIES_PER_ROUND] for i in range(0, len(studies), STUDIES_PER_ROUND)] or [[]]
+    results = [_build_round(paths, settings, group, concepts, now) for group in rounds]
+    return GoldResult(
+        studies=sum(r.studies for r in results),
+        image_occurrences=sum(r.image_occurrences for r in results),
+        procedure_occurrences=sum(r.procedure_occurrences for r in results),
+        new_ids={kind: sum(r.new_ids.get(kind, 0) for r in results) for kind in IDMAPS},
+        skipped={k: v for r in results for k, v in r.skipped.items()},
+    )
+
+
+def _build_round(
+    paths: LakePaths, settings: Settings, studies: list[tuple[str, str]], concepts: ConceptResolver, now: datetime
+) -> GoldResult:
     uids = sorted({u for _ns, u in studies})
-    st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids)
+    st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids, columns=STUDY_COLUMNS)
     wanted_pairs = set(studies)
     study_rows = [r for r in st.to_pylist() if (r["msftSourceSystem"], r["studyInstanceUid"]) in wanted_pairs]
+    del st
     inst = study_instances(paths, studies, columns=INSTANCE_COLUMNS)
     by_study: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in inst.to_pylist():
         by_study[(r["msftSourceSystem"], r["studyInstanceUid"])][r["seriesInstanceUid"]].append(r)
+    del inst
     _add_fallback_dates(paths, by_study)
 
     wanted: dict[str, set[str]] = {k: set() for k in IDMAPS}
@@ -134,9 +167,6 @@ def build_gold(paths: LakePaths, settings: Settings, day: str, *, now: datetime 
         wanted["image_occurrence"].update(keys.image_occurrence.values())
     ids, new_counts = ensure_ids(paths, wanted, now)
 
-    concepts = ConceptResolver.from_settings(
-        settings.modality_concept_map, settings.body_part_concept_map, settings.omop_vocabulary_dir
-    )
     io_rows: list[dict[str, Any]] = []
     po_rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}

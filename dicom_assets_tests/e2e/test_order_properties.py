@@ -43,6 +43,7 @@ from dicom_assets.lake import delta
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.runner import materialize_partition
+from dicom_assets.steps import gold as gold_steps
 from dicom_assets.steps import silver as silver_steps
 from dicom_assets_tests.e2e import lakestate
 
@@ -218,10 +219,12 @@ def test_same_bytes_dropped_under_two_names_keep_one_lineage_whatever_the_order(
 
 
 def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Silver merges a big day in chunks; with one data file per chunk (duplicates land in other
-    chunks, some newer, some older) the tables equal those of a single merge of the day."""
+    """Silver merges a big day in chunks and gold maps it in rounds of studies; with one data file
+    per chunk (duplicates land in other chunks, some newer, some older) and one study per round
+    the tables equal those of a single merge of the day."""
     lakes = {}
     for name, chunk in (("one_merge", 10**9), ("chunked", 1)):
+        monkeypatch.setattr(gold_steps, "STUDIES_PER_ROUND", chunk)
         lake = tmp_path / name
         for i, src in enumerate(sources):
             drop(lake, src, 0, DAYS[0], second=i)
@@ -233,6 +236,7 @@ def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_pat
         lakes[name] = order_free_tables(lake)
     assert lakes["chunked"] == lakes["one_merge"]
     assert sum("/copy1/" in r for r in lakes["one_merge"]["ImagingMetastore"]) == 4
+    assert len(lakes["one_merge"]["procedure_occurrence"]) > 1  # more than one round of studies
 
 
 # ----------------------------------------------------------------------------- split study
