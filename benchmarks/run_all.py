@@ -464,7 +464,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                 [f"spark {sp.get('master')}", sp.get("files"), sp.get("session_start_s"),
                  f"{sp.get('cold_s')} ({sp.get('cold_files_per_s')})", f"{sp.get('warm_s')} ({sp.get('warm_files_per_s')})",
                  sp.get("peak_rss_tree_mb")],
-                ["local (2 spawn workers)", sp.get("files"), "", "", f"{sp.get('local_engine_s')} ({sp.get('local_engine_files_per_s')})", ""],
+                ["local (2 workers: the step process + 1 spawn helper)", sp.get("files"), "", "", f"{sp.get('local_engine_s')} ({sp.get('local_engine_files_per_s')})", ""],
             ])
     if r.get("profile") or _get(r, "lakes", "lakes"):
         out += ["## Profiles (cProfile, extraction in process; top 10 functions by own time)", ""]

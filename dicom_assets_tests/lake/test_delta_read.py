@@ -138,3 +138,29 @@ def _nolock():  # type: ignore[no-untyped-def]
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_files_whose_statistics_show_every_row_matching_are_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with one day (min = max) is read whole; a mixed one by its keys; results are exact either way."""
+    uri = tmp_path / "days"
+    one_day = pa.table({"study": ["a", "b", None], "day": ["d1"] * 3, "payload": ["p"] * 3, "n": [0, 1, 2]}, schema=SCHEMA)
+    mixed = pa.table({"study": ["a", "b"], "day": ["d1", "d2"], "payload": ["p"] * 2, "n": [3, 4]}, schema=SCHEMA)
+    long_uid = "1.2.826.0.1.3680043.8.498." + "1" * 40
+    long_values = pa.table({"study": [long_uid, long_uid + "9"], "day": ["d3"] * 2, "payload": ["p"] * 2, "n": [5, 6]}, schema=SCHEMA)
+    for t in (one_day, mixed, long_values):
+        write_deltalake(str(uri), t, mode="append")
+    keyed: list[str] = []
+    real = delta._matching_rows
+
+    def spy(f: str, *a: object) -> object:
+        keyed.append(f)
+        return real(f, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta, "_matching_rows", spy)
+    got = delta.read(uri, SCHEMA, where={"day": "d1"})
+    assert sorted(got.column("n").to_pylist()) == [0, 1, 2, 3]
+    assert len(keyed) == 1  # only the mixed file needed its keys read (the others are pruned or whole)
+    keyed.clear()
+    # A value as long as delta-rs's truncated string statistics is never trusted to min = max.
+    got = delta.read(uri, SCHEMA, where={"study": long_uid})
+    assert got.column("n").to_pylist() == [5] and len(keyed) == 1
