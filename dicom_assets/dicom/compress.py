@@ -23,10 +23,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import threading
 import time
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,7 +34,7 @@ try:  # ISA-L deflate: see _write_one_member_zip; without it, zipfile and zlib d
 except ImportError:  # pragma: no cover - isal is a dependency; kept optional for odd platforms
     _isal = None  # type: ignore[assignment]
 
-from dicom_assets.lake.fileops import fsync_files
+from dicom_assets.lake.fileops import fsync_files, shared_thread_pool
 
 __all__ = ["write_zip_durably", "read_single_member", "replace_with_zip", "CompressionBatch", "ZIP_COMPRESSLEVEL"]
 
@@ -160,20 +159,6 @@ def replace_with_zip(path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-_writer_pools: dict[int, ThreadPoolExecutor] = {}
-_writer_pools_lock = threading.Lock()
-
-
-def _writer_pool(threads: int) -> ThreadPoolExecutor:
-    # Shared by all batches of a process: a pool per 64-file batch spent more
-    # time starting threads than the threads saved.
-    with _writer_pools_lock:
-        pool = _writer_pools.get(threads)
-        if pool is None:
-            pool = _writer_pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicom-zip")
-        return pool
-
-
 class CompressionBatch:
     """Replace many read files by their ZIPs: writes overlap the reading, folders are synced once.
 
@@ -187,7 +172,7 @@ class CompressionBatch:
     """
 
     def __init__(self, threads: int = WRITER_THREADS, max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
-        self._pool = _writer_pool(threads) if threads > 0 else None
+        self._pool = shared_thread_pool("dicom-zip", threads) if threads > 0 else None
         self._max_inflight = max_inflight_bytes
         self._pending: list[tuple[int, str, str, Future[None], int]] = []
         self._inflight = 0

@@ -14,7 +14,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from dicom_assets.lake.fileops import crash_point
+from dicom_assets.lake.fileops import crash_point, shared_thread_pool
 
 T = TypeVar("T")
 #: Values a ``where`` filter compares with: strings (UIDs, days) and integers (OMOP ids).
@@ -296,18 +296,18 @@ def iter_read(
     if len(files) > 1 and all(sizes.get(os.path.basename(f), READ_AHEAD_MAX_BYTES + 1) <= READ_AHEAD_MAX_BYTES for f in files):
         # Many small files (a day of extraction parts): pyarrow decodes
         # without the GIL, so a few read at once; order and memory stay bounded.
-        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="delta-read") as pool:
-            ahead: deque[Future[pa.Table | None]] = deque()
-            for f in files:
-                ahead.append(pool.submit(load, f))
-                if len(ahead) > READ_AHEAD:
-                    t = ahead.popleft().result()
-                    if t is not None:
-                        yield t
-            while ahead:
+        pool = shared_thread_pool("delta-read", READ_AHEAD)
+        ahead: deque[Future[pa.Table | None]] = deque()
+        for f in files:
+            ahead.append(pool.submit(load, f))
+            if len(ahead) > READ_AHEAD:
                 t = ahead.popleft().result()
                 if t is not None:
                     yield t
+        while ahead:
+            t = ahead.popleft().result()
+            if t is not None:
+                yield t
         return
     for f in files:
         t = load(f)

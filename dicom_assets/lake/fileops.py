@@ -81,25 +81,28 @@ def fsync_file(path: str | Path) -> BaseException | None:
     return None
 
 
-_fsync_pool: ThreadPoolExecutor | None = None
-_fsync_pool_lock = threading.Lock()
+_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
-def _shared_fsync_pool() -> ThreadPoolExecutor:
-    # One pool per process, started on first use: starting eight threads for
-    # every batch cost more than the fsyncs they overlapped on small batches.
-    global _fsync_pool
-    with _fsync_pool_lock:
-        if _fsync_pool is None:
-            _fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
-        return _fsync_pool
+def shared_thread_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` threads named ``name``, started on first use and kept.
+
+    For work handed out per batch or per call (fsyncs, ZIP writes, file
+    reads): starting a pool each time cost more than the threads saved.
+    """
+    with _pools_lock:
+        pool = _pools.get((name, threads))
+        if pool is None:
+            pool = _pools[(name, threads)] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        return pool
 
 
 def fsync_files(paths: Sequence[str | Path]) -> list[BaseException | None]:
     """fsync every file, :data:`FSYNC_THREADS` at a time; one error (or None) per path."""
     if len(paths) <= 1:
         return [fsync_file(p) for p in paths]
-    return list(_shared_fsync_pool().map(fsync_file, paths))
+    return list(shared_thread_pool("fsync", FSYNC_THREADS).map(fsync_file, paths))
 
 
 def ensure_dir(path: Path) -> None:
@@ -384,4 +387,5 @@ __all__ = [
     "display_path",
     "exclusive_lock",
     "count_files",
+    "shared_thread_pool",
 ]
