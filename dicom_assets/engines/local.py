@@ -37,6 +37,7 @@ from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines.base import ExtractionOutcome, batches
 from dicom_assets.engines.spawn import LeanSpawnContext
 from dicom_assets.lake import delta, delta_commit
+from dicom_assets.lake.arrow_memory import use_system_allocator
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
 BatchResult = tuple[dict[str, Any] | None, pa.Table, int]
@@ -46,7 +47,8 @@ INLINE_MAX_FILES = 192
 
 
 def init_worker(address_space_bytes: int = 0) -> None:
-    """Pool initializer: cap this worker's address space at ``address_space_bytes`` (0: no cap).
+    """Pool initializer: Arrow on the system allocator (:mod:`~dicom_assets.lake.arrow_memory`), and
+    this worker's address space capped at ``address_space_bytes`` (0: no cap).
 
     Python then raises ``MemoryError`` where the kernel would kill the
     process, and the reader turns it into a ``TooLarge`` failure record. The
@@ -55,6 +57,7 @@ def init_worker(address_space_bytes: int = 0) -> None:
     above ``max_file_bytes`` plus about 1 GiB. Linux and macOS only; never
     applied to the calling process (the in-process path of one worker).
     """
+    use_system_allocator()
     if address_space_bytes <= 0 or sys.platform == "win32":
         return
     import resource

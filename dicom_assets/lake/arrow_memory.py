@@ -1,0 +1,35 @@
+"""Arrow's allocator for the lake's processes: the C library's ``malloc``, not the bundled mimalloc.
+
+Measured on a 100,000-instance day: mimalloc keeps the pages freed by Parquet
+reads and Delta merges (the silver merge alone peaked at 757 MiB, 606 MiB with
+the system allocator; the fabric sample's run at 740-780 MiB, 670 MiB with it)
+and was no faster (the extraction engine over the corpus x8: 6.09 s and
+6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
+when a user sets it, still decides.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+#: Arrow's environment variable naming its default pool (``system``, ``mimalloc``, ``jemalloc``).
+ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def use_system_allocator() -> str:
+    """Make the system allocator Arrow's default pool unless ``ARROW_DEFAULT_MEMORY_POOL`` is set.
+
+    Buffers already allocated keep their pool; children started later inherit
+    the choice through the environment. Returns the default pool's backend name.
+    """
+    if not os.environ.get(ARROW_POOL_VARIABLE):
+        os.environ[ARROW_POOL_VARIABLE] = "system"
+        pa.set_memory_pool(pa.system_memory_pool())
+    return backend_name()
+
+
+def backend_name() -> str:
+    """The backend of Arrow's default pool in this process (``system``, ``mimalloc``, ``jemalloc``)."""
+    return str(pa.default_memory_pool().backend_name)
