@@ -1,10 +1,10 @@
 """Arrow's allocator for the lake's processes: the C library's ``malloc``, not the bundled mimalloc.
 
-Measured on a 100,000-instance day: mimalloc keeps the pages freed by Parquet
-reads and Delta merges (the silver merge alone peaked at 757 MiB, 606 MiB with
-the system allocator; the fabric sample's run at 740-780 MiB, 670 MiB with it)
-and was no faster (the extraction engine over the corpus x8: 6.09 s and
-6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
+Measured: mimalloc keeps the pages freed by Parquet reads and Delta merges (the
+silver merge of a 100,000-instance day alone peaked at 757 MiB, 606 MiB with the
+system allocator; the fabric sample's run at 758-827 MiB in five runs, 690-799
+MiB in five with it) and was no faster (the extraction engine over the corpus
+x8: 6.09 s and 6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
 when a user sets it, still decides.
 """
 
