@@ -18,16 +18,15 @@ import pyarrow as pa
 ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
 
 
-def use_system_allocator() -> str:
+def use_system_allocator() -> None:
     """Make the system allocator Arrow's default pool unless ``ARROW_DEFAULT_MEMORY_POOL`` is set.
 
     Buffers already allocated keep their pool; children started later inherit
-    the choice through the environment. Returns the default pool's backend name.
+    the choice through the environment (:func:`backend_name` tells what is in use).
     """
     if not os.environ.get(ARROW_POOL_VARIABLE):
         os.environ[ARROW_POOL_VARIABLE] = "system"
         pa.set_memory_pool(pa.system_memory_pool())
-    return backend_name()
 
 
 def backend_name() -> str:
