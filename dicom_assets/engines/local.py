@@ -14,13 +14,12 @@ Every file is read within the settings' budget (``file_timeout_seconds``,
 ``max_file_bytes``; :mod:`dicom_assets.dicom.budget`); each pool task runs in
 its worker's main thread, so the ``SIGALRM`` backstop of the time limit
 applies there. Pool workers can also get an address-space limit
-(``RLIMIT_AS``, see :func:`init_worker`): a file that still needs more memory
+(``RLIMIT_AS``, see :func:`~dicom_assets.engines.helper.init_worker`): a file that still needs more memory
 then fails with ``TooLarge`` instead of waking the kernel's OOM killer.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -35,36 +34,15 @@ from dicom_assets.dicom.budget import ReadLimits
 from dicom_assets.dicom.extract import extract_batch_arrow
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines.base import ExtractionOutcome, batches
+from dicom_assets.engines.helper import init_worker
 from dicom_assets.engines.spawn import LeanSpawnContext
 from dicom_assets.lake import delta, delta_commit
-from dicom_assets.lake.arrow_memory import use_system_allocator
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
 BatchResult = tuple[dict[str, Any] | None, pa.Table, int]
 
 #: At most this many files are read without starting a pool (see :func:`iter_batches`).
 INLINE_MAX_FILES = 192
-
-
-def init_worker(address_space_bytes: int = 0) -> None:
-    """Pool initializer: Arrow on the system allocator (:mod:`~dicom_assets.lake.arrow_memory`), and
-    this worker's address space capped at ``address_space_bytes`` (0: no cap).
-
-    Python then raises ``MemoryError`` where the kernel would kill the
-    process, and the reader turns it into a ``TooLarge`` failure record. The
-    cap counts virtual memory: memory-mapped files (files from 64 MiB up are
-    mapped whole) and pyarrow's reservations included, so it must be well
-    above ``max_file_bytes`` plus about 1 GiB. Linux and macOS only; never
-    applied to the calling process (the in-process path of one worker).
-    """
-    use_system_allocator()
-    if address_space_bytes <= 0 or sys.platform == "win32":
-        return
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = address_space_bytes if hard == resource.RLIM_INFINITY else min(address_space_bytes, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
 def worker_address_space_bytes(settings: Settings) -> int:
@@ -90,9 +68,10 @@ def iter_batches(
     """Run every batch: in this process, helped by a spawn pool when there is more than one batch and worker.
 
     Up to :data:`INLINE_MAX_FILES` files (and no ``worker_memory_bytes`` cap
-    asked for) are read in this process alone: starting a spawn worker (~1 s
-    of CPU, it imports the reader and pyarrow afresh) costs more than reading
-    a small study on one core, and small days are the common incremental case.
+    asked for) are read in this process alone: a spawn helper takes about
+    0.4 s to start (it imports the reader and pyarrow afresh,
+    :mod:`~dicom_assets.engines.helper`), more than reading a small study
+    on one core, and small days are the common incremental case.
 
     With ``n`` workers this process is one of them and the pool holds ``n - 1``:
     it reads batches itself while the helpers start and work, so their start-up

@@ -33,7 +33,7 @@ from dicom_assets.config import Settings
 from dicom_assets.dicom.budget import Budget, ReadLimits
 from dicom_assets.dicom.extract import extract_batch, extract_batch_arrow, extract_dataset
 from dicom_assets.dicom.records import DicomReadError, ExtractTask
-from dicom_assets.engines.local import init_worker
+from dicom_assets.engines.helper import init_worker
 
 NOW = datetime(2024, 5, 6, tzinfo=UTC)
 SOP = "1.2.826.0.1.3680043.8.498.1"

@@ -11,7 +11,7 @@ PROBE = (
     "import pyarrow as pa\n"
     "import dicom_assets.definitions\n"
     "from concurrent.futures import ProcessPoolExecutor\n"
-    "from dicom_assets.engines.local import init_worker\n"
+    "from dicom_assets.engines.helper import init_worker\n"
     "from dicom_assets.engines.spawn import LeanSpawnContext\n"
     "from dicom_assets.lake.arrow_memory import backend_name\n"
     "if __name__ == '__main__':\n"
