@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 #: Optional imports a pool helper starts without (see the module docstring).
 SKIPPED_IMPORTS = ("pandas", "requests")
@@ -86,3 +87,45 @@ def init_worker(address_space_bytes: int = 0) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = address_space_bytes if hard == resource.RLIM_INFINITY else min(address_space_bytes, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def serve(conn: Any) -> None:
+    """A :class:`~dicom_assets.engines.helper_pool.HelperPool` helper's loop, in its main thread.
+
+    Receives ``(initializer, initargs)`` and runs it once, then answers each
+    ``(task_id, fn, args)`` with ``(task_id, True, result)`` or
+    ``(task_id, False, (exception, traceback text))`` until it receives
+    ``None`` or the caller's end of the socket closes. Tasks run in the main
+    thread, so the ``SIGALRM`` backstop of the read budget applies.
+    """
+    import traceback
+
+    initializer, initargs = conn.recv()
+    initializer(*initargs)
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        task_id, fn, args = message
+        try:
+            reply = (task_id, True, fn(*args))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+            reply = (task_id, False, (portable_exception(exc), traceback.format_exc()))
+        try:
+            conn.send(reply)
+        except OSError:  # the caller has gone; nobody wants the result
+            return
+
+
+def portable_exception(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling, else a ``RuntimeError`` with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+    return exc

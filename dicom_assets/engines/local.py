@@ -1,19 +1,21 @@
-"""The embedded engine: a ``spawn`` process pool over batches of files (SPEC §7).
+"""The embedded engine: the calling process and a pool of helper processes over batches of files (SPEC §7).
 
 delta-rs holds threads and locks that a forked child inherits in a broken
-state, so the pool always uses the ``spawn`` start method (without re-importing
-the parent's main module: :mod:`dicom_assets.engines.spawn`). Each worker writes
-its batch's rows as one Parquet part file straight into the table folder and
-returns only the small add-action record and its failures; the calling
-process reads batches too (see :func:`iter_batches`) and commits every part
-in one Delta transaction (the same path the Spark engine takes).
-Memory is bounded by batch size times workers, not by the number of files,
-and a lost commit race re-plans the commit without re-reading any file.
+state, so every helper is a fresh interpreter (``fork``+``exec``, as the
+``spawn`` start method does), which never imports the parent's main module
+(:mod:`dicom_assets.engines.helper_pool`). Each helper writes its batch's rows
+as one Parquet part file straight into the table folder and returns only the
+small add-action record and its failures; the calling process reads batches
+too and hands out the helpers' batches between its own (see
+:func:`iter_batches`), then commits every part in one Delta transaction (the
+same path the Spark engine takes). Memory is bounded by batch size times
+workers, not by the number of files, and a lost commit race re-plans the
+commit without re-reading any file.
 
 Every file is read within the settings' budget (``file_timeout_seconds``,
 ``max_file_bytes``; :mod:`dicom_assets.dicom.budget`); each pool task runs in
-its worker's main thread, so the ``SIGALRM`` backstop of the time limit
-applies there. Pool workers can also get an address-space limit
+its helper's main thread, so the ``SIGALRM`` backstop of the time limit
+applies there. Helpers can also get an address-space limit
 (``RLIMIT_AS``, see :func:`~dicom_assets.engines.helper.init_worker`): a file that still needs more memory
 then fails with ``TooLarge`` instead of waking the kernel's OOM killer.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +37,7 @@ from dicom_assets.dicom.extract import extract_batch_arrow
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines.base import ExtractionOutcome, batches
 from dicom_assets.engines.helper import init_worker
-from dicom_assets.engines.spawn import LeanSpawnContext
+from dicom_assets.engines.helper_pool import HelperPool
 from dicom_assets.lake import delta, delta_commit
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
@@ -62,79 +64,105 @@ def run_batch(
     return delta_commit.add_action_to_record(add), fails, rows.num_rows
 
 
-def iter_batches(
-    tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str
-) -> Iterator[BatchResult]:
-    """Run every batch: in this process, helped by a spawn pool when there is more than one batch and worker.
+def helpers_needed(tasks: Sequence[ExtractTask], settings: Settings) -> int:
+    """How many pool helpers reading ``tasks`` takes; 0: this process reads them alone.
 
     Up to :data:`INLINE_MAX_FILES` files (and no ``worker_memory_bytes`` cap
-    asked for) are read in this process alone: a spawn helper takes about
-    0.4 s to start (it imports the reader and pyarrow afresh,
-    :mod:`~dicom_assets.engines.helper`), more than reading a small study
-    on one core, and small days are the common incremental case.
+    asked for) are read in this process alone: a helper takes about 0.4 s to
+    start (a fresh interpreter importing the reader and pyarrow,
+    :mod:`~dicom_assets.engines.helper`), more than reading a small study on
+    one core, and small days are the common incremental case.
 
-    With ``n`` workers this process is one of them and the pool holds ``n - 1``:
-    it reads batches itself while the helpers start and work, so their start-up
-    overlaps useful work instead of leaving the cores idle. Under a
-    ``worker_memory_bytes`` cap every batch goes to the capped pool workers.
+    With ``n`` workers this process is one of them and the pool holds ``n - 1``
+    helpers; under a ``worker_memory_bytes`` cap all ``n`` are capped helpers.
+    """
+    workers = min(settings.effective_workers(), -(-len(tasks) // max(1, settings.batch_size)))
+    capped = bool(worker_address_space_bytes(settings))
+    if workers <= 1 or (len(tasks) <= INLINE_MAX_FILES and not capped):
+        return 0
+    return workers if capped else workers - 1
+
+
+@contextmanager
+def helper_pool(tasks: Sequence[ExtractTask], settings: Settings) -> Iterator[HelperPool | None]:
+    """The helpers reading ``tasks`` takes (:func:`helpers_needed`), started now; ``None`` if none.
+
+    On leaving the block normally the helpers are told to stop and not waited
+    for (their interpreter teardown, ~0.1 s, need not hold up the commit); on
+    an error the block waits until each has finished its current batch.
+    """
+    helpers = helpers_needed(tasks, settings)
+    if not helpers:
+        yield None
+        return
+    pool = HelperPool(helpers, init_worker, (worker_address_space_bytes(settings),))
+    finished = False
+    try:
+        yield pool
+        finished = True
+    finally:
+        pool.close(wait=not finished)
+
+
+def iter_batches(
+    tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str, pool: HelperPool | None = None
+) -> Iterator[BatchResult]:
+    """Run every batch: in this process, helped by ``pool`` if given (see :func:`helper_pool`).
+
+    This process reads batches itself while the helpers start and work, so
+    their start-up overlaps useful work instead of leaving the cores idle;
+    under a ``worker_memory_bytes`` cap every batch goes to the capped helpers.
     """
     groups = deque(batches(tasks, settings.batch_size))
-    workers = min(settings.effective_workers(), len(groups))
     limits = ReadLimits.from_settings(settings)
     capped = bool(worker_address_space_bytes(settings))
-    if len(tasks) <= INLINE_MAX_FILES and not capped:
-        workers = 1
 
     def here(group: list[ExtractTask]) -> BatchResult:
         return run_batch(group, settings.bulk_data_threshold, now, table_dir, limits)
 
-    if workers <= 1:
+    if pool is None:
         while groups:
             yield here(groups.popleft())
         return
-    helpers = workers if capped else workers - 1
-    # Three batches per helper in flight: with two, a helper sat idle ~10% of the
-    # time, as handing it the next batch waits for this process to finish its own.
-    # The window also bounds memory.
-    window = 3 * helpers
-    groups = _split_tail(groups, window + workers, settings.batch_size // 4)
-    pool = ProcessPoolExecutor(
-        max_workers=helpers,
-        mp_context=LeanSpawnContext(),
-        initializer=init_worker,
-        initargs=(worker_address_space_bytes(settings),),
-    )
-    finished = False
-    try:
-        pending: set[Future[BatchResult]] = set()
-        while groups or pending:
-            while groups and len(pending) < window:
-                pending.add(pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits))
-            if groups and not capped:
-                yield here(groups.popleft())
-                done = {f for f in pending if f.done()}
-                pending -= done
-            else:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield f.result()
-        finished = True
-    finally:
-        # Once every result is in, the helpers' exit (~0.1 s of interpreter
-        # teardown) need not hold up the commit; on an error, wait for them.
-        pool.shutdown(wait=not finished, cancel_futures=True)
+    # Five batches per helper in flight once helpers are working: a helper's
+    # finished batches count until this process collects them after its own
+    # batch, and with three a helper still waited for work ~3% of the time (with
+    # two, ~10%). Results are a few KiB each. Until the first result, two per
+    # helper: a batch sent cannot be taken back, and while helpers start (~0.4 s)
+    # this process may read what would otherwise wait in their sockets.
+    steady, starting = 5 * pool.size, 2 * pool.size
+    workers = pool.size if capped else pool.size + 1
+    groups = _split_tail(groups, steady + workers, settings.batch_size // 4)
+    returned = 0
+    while groups or pool.in_flight:
+        window = steady if returned else starting
+        if not capped:
+            # Near the end, hand out no more than this process still has to read
+            # itself, so that neither side ends up waiting for the other's queue.
+            window = min(window, (len(groups) - 1) * pool.size)
+        while groups and pool.in_flight < window:
+            pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits)
+        if groups and not capped:
+            yield here(groups.popleft())
+            arrived = list(pool.collect(block=False))
+        else:
+            arrived = list(pool.collect(block=True))
+        returned += len(arrived)
+        yield from arrived
 
 
 def _split_tail(groups: deque[list[ExtractTask]], count: int, size: int) -> deque[list[ExtractTask]]:
-    """The last ``count`` batches cut into batches of ``size``.
+    """The last ``count`` batches (all, if there are fewer) cut into batches of ``size``.
 
     Whoever finishes first at the end waits for the others' last batches;
-    smaller batches there keep that wait short.
+    smaller batches there keep that wait short, and give a job of few batches
+    enough of them to share.
     """
-    if size < 1 or len(groups) <= count:
+    if size < 1:
         return groups
-    head = list(groups)[:-count]
-    tail = [t for g in list(groups)[-count:] for t in g]
+    count = min(count, len(groups))
+    head = list(groups)[: len(groups) - count]
+    tail = [t for g in list(groups)[len(groups) - count :] for t in g]
     return deque(head + list(batches(tail, size)))
 
 
@@ -149,16 +177,19 @@ def run_extraction(
     """Extract every task and replace the ``day`` rows of the metastore in one commit."""
     start = time.perf_counter()
     now = now or datetime.now(UTC)
-    delta.ensure_table(metastore_uri, METASTORE_SCHEMA)
     table_dir = str(delta_commit.table_dir(metastore_uri))
     adds = []
     failures: list[pa.Table] = []
     written = 0
-    for rec, fails, n in iter_batches(tasks, settings, now, table_dir):
-        if rec is not None:
-            adds.append(delta_commit.add_action_from_record(rec))
-        failures.append(fails)
-        written += n
+    # Helpers first: they start while this process makes the table (on a fresh
+    # lake, delta-rs's first write in a process takes ~0.25 s).
+    with helper_pool(tasks, settings) as pool:
+        delta.ensure_table(metastore_uri, METASTORE_SCHEMA)
+        for rec, fails, n in iter_batches(tasks, settings, now, table_dir, pool):
+            if rec is not None:
+                adds.append(delta_commit.add_action_from_record(rec))
+            failures.append(fails)
+            written += n
     extracted = time.perf_counter()
     delta_commit.commit_replace(metastore_uri, METASTORE_SCHEMA, adds, day)
     fail_table = pa.concat_tables([delta.conform(f, FAILURES_SCHEMA) for f in failures]) if failures else FAILURES_SCHEMA.empty_table()

@@ -7,7 +7,6 @@ runs), so it must not import pandas or requests itself.
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 from dicom_assets.dicom.extract import extract_batch_arrow
 from dicom_assets.engines.helper import SKIPPED_IMPORTS, imports_skipped, init_worker
-from dicom_assets.engines.spawn import LeanSpawnContext
+from dicom_assets.engines.helper_pool import HelperPool
 from dicom_assets_tests.core.test_dicom_extract_batch import NOW, task
 
 # The files bundled inside pydicom only: get_testdata_files would try to download more.
@@ -50,8 +49,9 @@ def _in_helper(paths: list[str]) -> dict[str, Any]:
 
 def test_a_helper_reads_without_pandas_and_requests_and_both_still_import_after() -> None:
     assert len(FILES) > 50
-    with ProcessPoolExecutor(1, mp_context=LeanSpawnContext(), initializer=init_worker) as pool:
-        got = pool.submit(_in_helper, [str(p) for p in FILES]).result(timeout=300)
+    with HelperPool(1, init_worker) as pool:
+        pool.submit(_in_helper, [str(p) for p in FILES])
+        (got,) = pool.collect(block=True)
     assert got["held"] == {"pandas": False, "requests": False}
     assert got["frame"] == [1, 2] and got["series"] == [3, 4]
     rows, fails = extract_batch_arrow([task(p) for p in FILES], now=NOW)

@@ -1,4 +1,4 @@
-"""The local engine starts its spawn pool only when the work pays for it."""
+"""The local engine starts its helper pool only when the work pays for it."""
 
 from __future__ import annotations
 
@@ -33,20 +33,24 @@ def _tasks(tmp_path: Path, n: int) -> list[Any]:
 
 
 def test_a_small_day_is_read_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "ProcessPoolExecutor", _no_pool)
+    monkeypatch.setattr(local, "HelperPool", _no_pool)
     (tmp_path / "table").mkdir()
     tasks = _tasks(tmp_path, 5)
-    results = list(local.iter_batches(tasks, Settings(workers=2, batch_size=2), NOW, str(tmp_path / "table")))
+    settings = Settings(workers=2, batch_size=2)
+    with local.helper_pool(tasks, settings) as pool:
+        assert pool is None and local.helpers_needed(tasks, settings) == 0
+        results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
     assert len(results) == 3 and sum(rows for _add, _fails, rows in results) == 5
 
 
 @pytest.mark.parametrize("settings", [Settings(workers=2, batch_size=2, worker_memory_bytes=8 << 30), Settings(workers=2, batch_size=64)])
 def test_a_memory_cap_or_a_big_day_starts_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
-    monkeypatch.setattr(local, "ProcessPoolExecutor", _no_pool)
+    monkeypatch.setattr(local, "HelperPool", _no_pool)
     n = 5 if settings.worker_memory_bytes else local.INLINE_MAX_FILES + 1
     tasks = [task(tmp_path / f"absent{i}.dcm") for i in range(n)]
-    with pytest.raises(PoolStarted):
-        list(local.iter_batches(tasks, settings, NOW, str(tmp_path)))
+    assert local.helpers_needed(tasks, settings) == (2 if settings.worker_memory_bytes else 1)
+    with pytest.raises(PoolStarted), local.helper_pool(tasks, settings):
+        pass
 
 
 def test_with_two_workers_this_process_reads_beside_one_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,6 +65,9 @@ def test_with_two_workers_this_process_reads_beside_one_helper(tmp_path: Path, m
     monkeypatch.setattr(local, "extract_batch_arrow", counted)
     (tmp_path / "table").mkdir()
     tasks = _tasks(tmp_path, local.INLINE_MAX_FILES + 1)
-    results = list(local.iter_batches(tasks, Settings(workers=2, batch_size=64), NOW, str(tmp_path / "table")))
+    settings = Settings(workers=2, batch_size=64)
+    with local.helper_pool(tasks, settings) as pool:
+        assert pool is not None and pool.size == 1
+        results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
     assert sum(rows for _add, _fails, rows in results) == len(tasks)
     assert 1 <= here["batches"] < len(results)

@@ -10,13 +10,13 @@ PROBE = (
     "import warnings; warnings.simplefilter('ignore')\n"
     "import pyarrow as pa\n"
     "import dicom_assets.definitions\n"
-    "from concurrent.futures import ProcessPoolExecutor\n"
     "from dicom_assets.engines.helper import init_worker\n"
-    "from dicom_assets.engines.spawn import LeanSpawnContext\n"
+    "from dicom_assets.engines.helper_pool import HelperPool\n"
     "from dicom_assets.lake.arrow_memory import backend_name\n"
     "if __name__ == '__main__':\n"
-    "    with ProcessPoolExecutor(1, mp_context=LeanSpawnContext(), initializer=init_worker) as pool:\n"
-    "        print(pa.default_memory_pool().backend_name, pool.submit(backend_name).result())\n"
+    "    with HelperPool(1, init_worker) as pool:\n"
+    "        pool.submit(backend_name)\n"
+    "        print(pa.default_memory_pool().backend_name, *pool.collect(block=True))\n"
 )
 
 
