@@ -3,23 +3,23 @@
 While a helper starts, the second core does nothing for the extraction, so its
 start-up is paid in wall time on every pool run. Measured in the benchmark's
 extraction (the corpus eight times, batches of 64): 0.57-0.66 s from spawn to
-the end of a helper's first batch, 0.35-0.41 s once it starts without two
+the end of a helper's first batch, 0.35-0.41 s once it starts without
 optional imports that it never uses:
 
 * **pandas** (0.12 s): pyarrow imports it on the first ``pa.array`` built
   from a Python list, only to ask whether the list is a pandas object.
-* **requests** (0.04 s): ``pydicom.pixels`` imports ``pydicom.data``, whose
-  downloader of pydicom's test files uses requests when installed and
-  ``urllib`` otherwise.
+* **requests** (0.04 s) and **tqdm** (0.013 s): ``pydicom.pixels`` imports
+  ``pydicom.data``, whose downloader of pydicom's test files uses requests and
+  a tqdm progress bar when installed, ``urllib`` and no bar otherwise.
 
-So :func:`init_worker` imports the reader with both reported as missing, and
-lets pyarrow take its one look for pandas then. After start-up both import
+So :func:`init_worker` imports the reader with these reported as missing, and
+lets pyarrow take its one look for pandas then. After start-up they import
 normally again; only pyarrow's answer stays cached, so in a helper it treats a
 pandas object as a plain sequence (none is ever passed there) while
 ``Table.to_pandas()`` still works (pyarrow imports pandas again on that path).
 
-This module imports only the standard library, because unpickling the
-initializer imports it before anything else runs in the helper.
+This module imports only the standard library, because a helper's bootstrap
+imports it (for :func:`serve`) before anything else.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import Any
 
 #: Optional imports a pool helper starts without (see the module docstring).
-SKIPPED_IMPORTS = ("pandas", "requests")
+SKIPPED_IMPORTS = ("pandas", "requests", "tqdm")
 
 
 class _MissingModules:

@@ -1,7 +1,7 @@
-"""A pool helper starts without pandas and requests, and reads exactly what the calling process reads.
+"""A pool helper starts without pandas, requests and tqdm, and reads exactly what the calling process reads.
 
 This module is imported inside the helper (it holds the function the helper
-runs), so it must not import pandas or requests itself.
+runs), so it must not import any of them itself.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _in_helper(paths: list[str]) -> dict[str, Any]:
     return {"rows": rows.to_pylist(), "fails": fails.to_pylist(), "held": held, "frame": frame["n"].tolist(), "series": from_series}
 
 
-def test_a_helper_reads_without_pandas_and_requests_and_both_still_import_after() -> None:
+def test_a_helper_reads_without_the_skipped_imports_and_they_still_import_after() -> None:
     assert len(FILES) > 50
     with HelperPool(1, init_worker) as pool:
         pool.submit(_in_helper, [str(p) for p in FILES])
         (got,) = pool.collect(block=True)
-    assert got["held"] == {"pandas": False, "requests": False}
+    assert got["held"] == {"pandas": False, "requests": False, "tqdm": False}
     assert got["frame"] == [1, 2] and got["series"] == [3, 4]
     rows, fails = extract_batch_arrow([task(p) for p in FILES], now=NOW)
     assert got["rows"] == rows.to_pylist() and got["fails"] == fails.to_pylist()
