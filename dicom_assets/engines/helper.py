@@ -79,7 +79,7 @@ def init_worker(address_space_bytes: int = 0) -> None:
         import pyarrow as pa
 
         pa.array([], type=pa.null())  # pyarrow's one look for pandas, made now
-        import dicom_assets.engines.local  # noqa: F401 - the reader, imported without the two
+        import dicom_assets.engines.batch  # noqa: F401 - what a helper runs, imported without them
     if address_space_bytes <= 0 or sys.platform == "win32":
         return
     import resource

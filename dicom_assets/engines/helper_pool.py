@@ -23,11 +23,12 @@ get their socket through ``pass_fds``).
 from __future__ import annotations
 
 import atexit
+import os
 import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any
@@ -97,30 +98,42 @@ atexit.register(_wait_exiting)
 class HelperPool:
     """``size`` helper interpreters, each running ``initializer(*initargs)`` once, then tasks.
 
+    Helpers get this process's environment, plus ``env_defaults`` for the
+    variables it does not set.
+
     Tasks go to the helper with the fewest in flight; :meth:`collect` returns
     whichever results have arrived. Use it as a context manager, or call
     :meth:`close`.
     """
 
-    def __init__(self, size: int, initializer: Callable[..., None], initargs: tuple[Any, ...] = ()) -> None:
+    def __init__(
+        self,
+        size: int,
+        initializer: Callable[..., None],
+        initargs: tuple[Any, ...] = (),
+        *,
+        env_defaults: Mapping[str, str] | None = None,
+    ) -> None:
         reap_exited()
         self._helpers: list[_Helper] = []
         self._next_id = 0
+        env = {**(env_defaults or {}), **os.environ}
         try:
             for _ in range(size):
-                self._helpers.append(self._start(initializer, initargs))
+                self._helpers.append(self._start(initializer, initargs, env))
         except BaseException:
             self.close(wait=True)
             raise
 
     @staticmethod
-    def _start(initializer: Callable[..., None], initargs: tuple[Any, ...]) -> _Helper:
+    def _start(initializer: Callable[..., None], initargs: tuple[Any, ...], env: Mapping[str, str]) -> _Helper:
         mine, theirs = socket.socketpair()
         try:
             proc = subprocess.Popen(
                 [sys.executable, *_interpreter_flags(), "-c", _BOOTSTRAP, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         finally:
             theirs.close()

@@ -27,6 +27,8 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
+from dicom_assets.lake.parts import STATS_COLUMNS
+from dicom_assets.lake.schemas import conform
 
 T = TypeVar("T")
 #: Values a ``where`` filter compares with: strings (UIDs, days) and integers (OMOP ids).
@@ -74,32 +76,6 @@ def _commit(uri: str | Path, fn: Callable[[], T]) -> T:
 
 def exists(uri: str | Path) -> bool:
     return DeltaTable.is_deltatable(str(uri))
-
-
-def conform(table: pa.Table | Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Return ``table`` with exactly ``schema``'s columns, order and types."""
-    if not isinstance(table, pa.Table):
-        return pa.Table.from_pylist(list(table), schema=schema)
-    if table.schema.equals(schema, check_metadata=True):
-        return table
-    have = dict(zip(table.column_names, table.columns, strict=True))
-    cols = []
-    for f in schema:
-        col = have.get(f.name)
-        if col is None:
-            cols.append(pa.nulls(table.num_rows, f.type))
-        else:
-            cols.append(col if col.type == f.type else col.cast(f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
-#: Columns whose min/max statistics delta-rs records, per table. By default it
-#: stops at the first 32 columns, which misses ``ingestDate`` in the wide
-#: metastore; day and UID filters then could not skip files.
-STATS_COLUMNS: dict[str, str] = {
-    "dicomimagingmetastore": "ingestDate,sourceSystem,studyInstanceUid,seriesInstanceUid,sopInstanceUid,filePath,contentSha256",
-    "ImagingMetastore": "studyInstanceUid,seriesInstanceUid,sopInstanceUid,msftSourceSystem,ingestDate,imagingStudyId,sourceModifiedAt,contentSha256",
-}
 
 
 def ensure_table(uri: str | Path, schema: pa.Schema) -> None:

@@ -2,8 +2,8 @@
 
 Engines whose workers write their own output (Spark executors, a process
 pool) cannot stream through a single ``write_deltalake`` call. They call
-:func:`write_part` where the data is, ship the small :class:`AddAction`
-records to one coordinator, and that coordinator calls :func:`commit_replace`,
+:func:`~dicom_assets.lake.parts.write_part_file` (or :func:`write_part`) where
+the data is, ship the small part records to one coordinator, and that coordinator calls :func:`commit_replace`,
 which is Delta's ``replaceWhere <column> = <day>`` done by hand with delta-rs:
 
 * delta-rs 1.6 ``create_write_transaction(mode="overwrite")`` replaces the whole
@@ -28,12 +28,8 @@ Only local-filesystem tables are supported (the lake is a folder, SPEC §2).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import math
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,12 +42,8 @@ from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, parts
 from dicom_assets.lake.fileops import crash_point
-
-#: String statistics keep this many characters, as Delta Spark's default
-#: ``dataSkippingStringPrefixLength``; longer maxima are rounded up.
-STATS_STRING_PREFIX = 32
 
 _ALL = "all"
 _NONE = "none"
@@ -69,41 +61,12 @@ def table_dir(uri: str | Path) -> Path:
 
 
 def write_part(table_dir_: str | Path, table: pa.Table) -> AddAction:
-    """Write ``table`` as one Parquet file into the table folder; return its ``add`` action.
-
-    The file is named ``part-<uuid4>.parquet`` (unique across writers and
-    retries), fsynced before the action is returned, and described by Delta
-    statistics (``numRecords``, ``minValues``/``maxValues``/``nullCount`` of the
-    top-level primitive columns) so readers can skip it. It is invisible to
-    readers until a commit adds it.
-    """
-    folder = Path(table_dir_)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4()}.parquet"
-    path = folder / name
-    with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression="snappy", write_statistics=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    st = path.stat()
-    return AddAction(
-        path=name,
-        size=st.st_size,
-        partition_values={},
-        modification_time=int(st.st_mtime * 1000),
-        data_change=True,
-        stats=json.dumps(part_stats(table, stats_columns(folder)), separators=(",", ":")),
-    )
-
-
-def stats_columns(folder: Path) -> list[str] | None:
-    """The columns whose statistics the table at ``folder`` collects (``None``: all primitive ones)."""
-    listed = delta.STATS_COLUMNS.get(folder.name)
-    return listed.split(",") if listed else None
+    """:func:`~dicom_assets.lake.parts.write_part_file` with its record as an ``add`` action."""
+    return add_action_from_record(parts.write_part_file(table_dir_, table))
 
 
 def add_action_to_record(add: AddAction) -> dict[str, Any]:
-    """A plain dict for shipping an :class:`AddAction` between processes."""
+    """A plain dict for shipping an :class:`AddAction` between processes (the part record)."""
     return {
         "path": add.path,
         "size": int(add.size),
@@ -122,95 +85,6 @@ def add_action_from_record(rec: dict[str, Any]) -> AddAction:
         data_change=True,
         stats=str(rec["stats"]),
     )
-
-
-def part_stats(table: pa.Table, columns: Sequence[str] | None = None) -> dict[str, Any]:
-    """Delta file statistics of ``table`` (PROTOCOL.md "Per-file Statistics").
-
-    ``columns`` limits them to those columns, as a table's
-    ``delta.dataSkippingStatsColumns`` asks writers to: on the wide metastore,
-    statistics of every column made each ``add`` action about 4 kB, so the
-    log of a 100,000-file day was 6.5 MB, read whenever the table is opened.
-    Large strings (``metadata_string``) and lists only get a null count when
-    primitive: their extremes are useless for skipping and costly to store.
-    Timestamps are written at millisecond precision, minimum floored and
-    maximum rounded up, so the bounds stay true bounds.
-    """
-    mins: dict[str, Any] = {}
-    maxs: dict[str, Any] = {}
-    nulls: dict[str, int] = {}
-    keep = set(columns) if columns is not None else None
-    for field in table.schema:
-        typ = field.type
-        if not _is_primitive(typ) or (keep is not None and field.name not in keep):
-            continue
-        col = table.column(field.name)
-        nulls[field.name] = int(col.null_count)
-        if col.null_count == len(col) or not _has_minmax(typ):
-            continue
-        mm = pc.min_max(col)
-        lo, hi = mm["min"].as_py(), mm["max"].as_py()
-        if lo is None or hi is None:
-            continue
-        lo_s, hi_s = _stat_value(typ, lo, upper=False), _stat_value(typ, hi, upper=True)
-        if lo_s is not None:
-            mins[field.name] = lo_s
-        if hi_s is not None:
-            maxs[field.name] = hi_s
-    return {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
-
-
-def _is_primitive(typ: pa.DataType) -> bool:
-    return not (bool(pa.types.is_nested(typ)) or bool(pa.types.is_dictionary(typ)))
-
-
-def _has_minmax(typ: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_string(typ)
-        or pa.types.is_integer(typ)
-        or pa.types.is_floating(typ)
-        or pa.types.is_timestamp(typ)
-        or pa.types.is_date(typ)
-    )
-
-
-def _stat_value(typ: pa.DataType, value: Any, *, upper: bool) -> Any:
-    if pa.types.is_string(typ):
-        text = str(value)
-        if len(text) <= STATS_STRING_PREFIX:
-            return text
-        prefix = text[:STATS_STRING_PREFIX]
-        return _round_up(prefix) if upper else prefix
-    if pa.types.is_floating(typ):
-        return None if math.isnan(value) or math.isinf(value) else float(value)
-    if pa.types.is_timestamp(typ):
-        return _ts_stat(value, upper=upper, utc=typ.tz is not None)
-    if pa.types.is_date(typ):
-        return value.isoformat()
-    return int(value)
-
-
-def _round_up(prefix: str) -> str | None:
-    """Smallest string above every string starting with ``prefix`` (None if there is none)."""
-    chars = list(prefix)
-    while chars:
-        code = ord(chars[-1]) + 1
-        if code == 0xD800:
-            code = 0xE000  # skip surrogates: not valid in UTF-8
-        if code <= 0x10FFFF:
-            chars[-1] = chr(code)
-            return "".join(chars)
-        chars.pop()
-    return None
-
-
-def _ts_stat(value: _dt.datetime, *, upper: bool, utc: bool) -> str:
-    if upper and value.microsecond % 1000:
-        value = value + _dt.timedelta(microseconds=1000 - value.microsecond % 1000)
-    value = value.replace(microsecond=value.microsecond - value.microsecond % 1000)
-    if value.tzinfo is not None:
-        value = value.astimezone(_dt.UTC).replace(tzinfo=None)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}" + ("Z" if utc else "")
 
 
 def commit_replace(
@@ -377,11 +251,9 @@ def _text(value: Any) -> str:
 
 
 __all__ = [
-    "STATS_STRING_PREFIX",
     "add_action_from_record",
     "add_action_to_record",
     "commit_replace",
-    "part_stats",
     "table_dir",
     "write_part",
 ]

@@ -7,6 +7,9 @@ carry over; the OMOP tables follow the OHDSI MI-CDM column names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pyarrow as pa
 
 TS = pa.timestamp("us", tz="UTC")
@@ -290,3 +293,20 @@ PHI_COLUMNS = frozenset(
         "identifier_string",
     }
 )
+
+
+def conform(table: pa.Table | Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, order and types."""
+    if not isinstance(table, pa.Table):
+        return pa.Table.from_pylist(list(table), schema=schema)
+    if table.schema.equals(schema, check_metadata=True):
+        return table
+    have = dict(zip(table.column_names, table.columns, strict=True))
+    cols = []
+    for f in schema:
+        col = have.get(f.name)
+        if col is None:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            cols.append(col if col.type == f.type else col.cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)

@@ -135,3 +135,14 @@ def test_an_exception_that_does_not_pickle_goes_back_as_its_text() -> None:
     assert isinstance(portable_exception(ValueError("v")), ValueError)
     lost = portable_exception(_NeedsTwo(1, 2))
     assert type(lost) is RuntimeError and str(lost) == "_NeedsTwo: 1+2"
+
+
+def test_helpers_get_the_environment_defaults_unless_this_process_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_ASSETS_SET_HERE", "mine")
+    monkeypatch.delenv("DICOM_ASSETS_DEFAULTED", raising=False)
+    defaults = {"DICOM_ASSETS_SET_HERE": "default", "DICOM_ASSETS_DEFAULTED": "default"}
+    with HelperPool(1, init_worker, env_defaults=defaults) as pool:
+        for name in ("DICOM_ASSETS_SET_HERE", "DICOM_ASSETS_DEFAULTED"):
+            pool.submit(os.getenv, name)
+        assert _results(pool, 2) == ["mine", "default"]
+    assert "DICOM_ASSETS_DEFAULTED" not in os.environ

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import dicom_assets.engines.batch as batch
 import dicom_assets.engines.local as local
 from dicom_assets.config import Settings
 from dicom_assets_tests.core.test_dicom_extract_batch import dicom_bytes, task
@@ -56,13 +57,13 @@ def test_a_memory_cap_or_a_big_day_starts_the_pool(tmp_path: Path, monkeypatch: 
 def test_with_two_workers_this_process_reads_beside_one_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller is one of the workers: it reads batches while the spawned helper reads the others."""
     here = {"batches": 0}
-    real = local.extract_batch_arrow
+    real = batch.extract_batch_arrow
 
     def counted(*a: Any, **k: Any) -> Any:  # patched in this process only; the helper runs the real one
         here["batches"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(local, "extract_batch_arrow", counted)
+    monkeypatch.setattr(batch, "extract_batch_arrow", counted)
     (tmp_path / "table").mkdir()
     tasks = _tasks(tmp_path, local.INLINE_MAX_FILES + 1)
     settings = Settings(workers=2, batch_size=64)

@@ -67,7 +67,7 @@ if trace:
         _real(name)
     fileops.crash_point = _traced
 from dicom_assets.dicom import compress, zipsafe
-from dicom_assets.lake import delta_commit
+from dicom_assets.lake import parts
 
 def _cp(name):
     fileops.crash_point(name)
@@ -90,12 +90,12 @@ def _write_zip(data, member, zip_path, **k):
     _cp("test:compress_zip_written")
 compress.write_zip_durably = _write_zip
 
-_part = delta_commit.write_part
+_part = parts.write_part_file
 def _write_part(*a, **k):
-    add = _part(*a, **k)
+    record = _part(*a, **k)
     _cp("test:part_written")
-    return add
-delta_commit.write_part = _write_part
+    return record
+parts.write_part_file = _write_part
 
 from dicom_assets.config import Settings
 from dicom_assets.runner import materialize_partition

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, parts
 from dicom_assets.lake import delta_commit as dc
 from dicom_assets.lake.schemas import METASTORE_SCHEMA
 
@@ -72,7 +72,7 @@ def test_part_statistics_follow_the_delta_protocol(tmp_path: Path) -> None:
     stats = json.loads(dc.write_part(tmp_path, data).stats)
     assert stats["numRecords"] == 12
     uids = data.column("sopInstanceUid").to_pylist()
-    assert stats["minValues"]["sopInstanceUid"] == min(uids)[: dc.STATS_STRING_PREFIX]
+    assert stats["minValues"]["sopInstanceUid"] == min(uids)[: parts.STATS_STRING_PREFIX]
     assert stats["minValues"]["seriesNumber"] == 0 and stats["maxValues"]["seriesNumber"] == 11
     assert stats["minValues"]["ingestDate"] == stats["maxValues"]["ingestDate"] == DAY1
     # Timestamps at millisecond precision, widened so they stay bounds.

@@ -1,0 +1,46 @@
+"""Part statistics computed without pyarrow.compute agree with Arrow's own ``min_max``."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from dicom_assets.lake import parts
+
+COLUMNS = {
+    # Code-point order must be UTF-8 byte order: ASCII, Latin-1, CJK and astral characters mixed.
+    "text": pa.array(["zeta", "Ärger", "émile", "山田", "\U0001f600 smile", None, "Zulu", "abc"], pa.string()),
+    "whole": pa.array([5, -3, None, 12, 0, 7, -3, 2], pa.int64()),
+    "real": pa.array([1.5, float("nan"), -2.25, None, 3.0, float("nan"), 0.0, 1.0], pa.float64()),
+    "day": pa.array([date(2024, 1, 2), None, date(2023, 12, 31), date(2024, 1, 1), None, None, None, date(2024, 1, 2)], pa.date32()),
+    "when": pa.array([datetime(2024, 1, 1, 10, tzinfo=UTC), None, datetime(2023, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)] + [None] * 5, pa.timestamp("us", tz="UTC")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COLUMNS))
+def test_extremes_match_arrow(name: str) -> None:
+    col = pa.chunked_array([COLUMNS[name][:3], COLUMNS[name][3:]])
+    mm = pc.min_max(col)
+    assert parts._min_max(col) == (mm["min"].as_py(), mm["max"].as_py())
+
+
+def test_nan_and_null_only_columns_have_no_extremes() -> None:
+    assert parts._min_max(pa.chunked_array([pa.array([float("nan"), None], pa.float64())])) is None
+    assert parts._min_max(pa.chunked_array([pa.array([None, None], pa.string())])) is None
+
+
+def test_part_statistics_of_every_kind_of_column() -> None:
+    table = pa.table(COLUMNS)
+    stats = parts.part_stats(table)
+    assert stats["numRecords"] == 8
+    assert stats["minValues"]["text"] == "Zulu" and stats["maxValues"]["text"] == "\U0001f600 smile"
+    assert (stats["minValues"]["whole"], stats["maxValues"]["whole"]) == (-3, 12)
+    assert (stats["minValues"]["real"], stats["maxValues"]["real"]) == (-2.25, 3.0)
+    assert (stats["minValues"]["day"], stats["maxValues"]["day"]) == ("2023-12-31", "2024-01-02")
+    assert stats["minValues"]["when"] == "2023-05-06T07:08:09.123Z" and stats["maxValues"]["when"] == "2024-01-01T10:00:00.000Z"
+    assert stats["nullCount"] == {"text": 1, "whole": 1, "real": 1, "day": 4, "when": 6}
+    assert not any(isinstance(v, float) and math.isnan(v) for v in stats["minValues"].values())
