@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     lake_n = int(os.environ.get("BENCH_LAKE_INSTANCES") or (10_000 if args.quick else 100_000))
     small_n = int(os.environ.get("BENCH_SMALL_INSTANCES") or (2_000 if args.quick else 10_000))
     repeat = int(os.environ.get("BENCH_EXTRACT_REPEAT") or (3 if args.quick else 8))
-    rounds = int(os.environ.get("BENCH_EXTRACT_ROUNDS") or (1 if args.quick else 2))
+    rounds = int(os.environ.get("BENCH_EXTRACT_ROUNDS") or (1 if args.quick else 4))
     quiet_wait = float(os.environ.get("BENCH_WAIT_QUIET") or args.wait_quiet)
     os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
