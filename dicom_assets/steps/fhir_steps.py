@@ -153,15 +153,19 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
     """
     now = now or datetime.now(UTC)
     bronze = delta.read_day(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, day)
-    rows = []
-    for b in bronze.to_pylist():
-        res = json.loads(b["fhirContent"])
-        rows.append(
+    # Parsed resources are ~10x their JSON in Python objects: parse and flatten
+    # STUDIES_PER_READ at a time, so only the Arrow tables grow with the day.
+    pieces = [SILVER_IMAGINGSTUDY_SCHEMA.empty_table()]
+    for batch in bronze.to_batches(max_chunksize=STUDIES_PER_READ):
+        rows = [
             flatten_imaging_study(
-                res, source_system=b["sourceSystem"], file_path=b["filePath"], created=now, modified=now
+                json.loads(b["fhirContent"]), source_system=b["sourceSystem"], file_path=b["filePath"], created=now, modified=now
             )
-        )
-    table = pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA)
+            for b in batch.to_pylist()
+        ]
+        pieces.append(pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA))
+    del bronze
+    table = pa.concat_tables(pieces)
     update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_IMAGINGSTUDY_SCHEMA if f.name != "msftCreatedDatetime"}
     metrics = delta.upsert(
         paths.table_uri("silver_ImagingStudy"),
