@@ -96,19 +96,31 @@ def serve(conn: Any) -> None:
     ``(task_id, fn, args)`` with ``(task_id, True, result)`` or
     ``(task_id, False, (exception, traceback text))`` until it receives
     ``None`` or the caller's end of the socket closes. Tasks run in the main
-    thread, so the ``SIGALRM`` backstop of the read budget applies.
+    thread, so the ``SIGALRM`` backstop of the read budget applies. A second
+    thread only reads the socket: while this thread waits to send a reply the
+    caller has not taken yet, the caller may be sending a task, and neither
+    send could finish if nobody read (the caller runs no threads).
     """
+    import queue
+    import threading
     import traceback
 
     initializer, initargs = conn.recv()
     initializer(*initargs)
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = None
+            inbox.put(message)
+            if message is None:
+                return
+
+    threading.Thread(target=read, name="helper-inbox", daemon=True).start()
+    while (message := inbox.get()) is not None:
         task_id, fn, args = message
         try:
             reply = (task_id, True, fn(*args))

@@ -116,6 +116,7 @@ class HelperPool:
     ) -> None:
         reap_exited()
         self._helpers: list[_Helper] = []
+        self._arrived: deque[tuple[bool, Any]] = deque()
         self._next_id = 0
         env = {**(env_defaults or {}), **os.environ}
         try:
@@ -155,43 +156,59 @@ class HelperPool:
     @property
     def in_flight(self) -> int:
         """Tasks submitted and not yet collected."""
-        return sum(len(h.in_flight) for h in self._helpers)
+        return sum(len(h.in_flight) for h in self._helpers) + len(self._arrived)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Send ``fn(*args)`` to the least busy helper (``fn`` and ``args`` must pickle)."""
+        """Send ``fn(*args)`` to the least busy helper (``fn`` and ``args`` must pickle).
+
+        The helper reads its socket in a thread of its own
+        (:func:`~dicom_assets.engines.helper.serve`), so this send finishes
+        even while the helper waits for this process to take a reply.
+        """
         helper = min(self._helpers, key=lambda h: len(h.in_flight))
+        self._drain(helper)
         task_id = self._next_id
         self._next_id += 1
-        helper.conn.send((task_id, fn, args))
+        try:
+            helper.conn.send((task_id, fn, args))
+        except OSError as exc:
+            raise self._lost(helper) from exc
         helper.in_flight.append(task_id)
 
     def collect(self, *, block: bool) -> Iterator[Any]:
-        """Results that have arrived; with ``block``, wait until at least one has (if any is in flight)."""
-        busy = [h for h in self._helpers if h.in_flight]
-        if not busy:
-            return
-        ready = set(connection.wait([h.conn for h in busy], timeout=None if block else 0))
-        for h in busy:
-            if h.conn in ready:
-                yield self._receive(h)
-                while h.in_flight and h.conn.poll():
-                    yield self._receive(h)
+        """Results that have arrived; with ``block``, wait until at least one has (if any is in flight).
 
-    def _receive(self, h: _Helper) -> Any:
-        try:
-            task_id, ok, value = h.conn.recv()
-        except (EOFError, OSError) as exc:
-            code = h.proc.wait()
-            raise HelperLost(
-                f"pool helper {h.proc.pid} exited with status {code} with {len(h.in_flight)} batch(es) unreturned"
-            ) from exc
-        if task_id != h.in_flight[0]:  # pragma: no cover - a protocol error, never expected
-            raise HelperLost(f"pool helper {h.proc.pid} returned task {task_id}, expected {h.in_flight[0]}")
-        h.in_flight.popleft()
-        if ok:
-            return value
-        exc_value, tb = value
-        raise exc_value from RemoteTraceback(tb)
+        A task's exception is raised here, when its turn comes.
+        """
+        for h in self._helpers:
+            self._drain(h)
+        busy = [h for h in self._helpers if h.in_flight]
+        if block and not self._arrived and busy:
+            for conn in connection.wait([h.conn for h in busy]):
+                self._drain(next(h for h in busy if h.conn is conn))
+        while self._arrived:
+            ok, value = self._arrived.popleft()
+            if not ok:
+                exc_value, tb = value
+                raise exc_value from RemoteTraceback(tb)
+            yield value
+
+    def _drain(self, h: _Helper) -> None:
+        """Take in every reply waiting in ``h``'s socket (end of file: the helper is lost)."""
+        while h.in_flight and h.conn.poll():
+            try:
+                task_id, ok, value = h.conn.recv()
+            except (EOFError, OSError) as exc:
+                raise self._lost(h) from exc
+            if task_id != h.in_flight[0]:  # pragma: no cover - a protocol error, never expected
+                raise HelperLost(f"pool helper {h.proc.pid} returned task {task_id}, expected {h.in_flight[0]}")
+            h.in_flight.popleft()
+            self._arrived.append((ok, value))
+
+    @staticmethod
+    def _lost(h: _Helper) -> HelperLost:
+        code = h.proc.wait()
+        return HelperLost(f"pool helper {h.proc.pid} exited with status {code} with {len(h.in_flight)} batch(es) unreturned")
 
     def close(self, *, wait: bool = True) -> None:
         """Tell every helper to stop after its current task; with ``wait``, wait until they have exited."""

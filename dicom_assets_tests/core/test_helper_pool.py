@@ -146,3 +146,27 @@ def test_helpers_get_the_environment_defaults_unless_this_process_sets_them(monk
             pool.submit(os.getenv, name)
         assert _results(pool, 2) == ["mine", "default"]
     assert "DICOM_ASSETS_DEFAULTED" not in os.environ
+
+
+BIG_MESSAGES = textwrap.dedent(
+    """
+    from dicom_assets.engines.helper import init_worker
+    from dicom_assets.engines.helper_pool import HelperPool
+
+    # Replies and tasks each far larger than a socket's buffer, interleaved: the
+    # caller sends a big task while the helper sends a big reply.
+    with HelperPool(1, init_worker) as pool:
+        got = []
+        for _ in range(3):
+            pool.submit(bytes, 4_000_000)
+            pool.submit(len, b"x" * 4_000_000)
+        while pool.in_flight:
+            got.extend(pool.collect(block=True))
+    print(sorted(len(g) if isinstance(g, bytes) else g for g in got))
+    """
+)
+
+
+def test_big_tasks_and_big_replies_do_not_deadlock() -> None:
+    done = subprocess.run([sys.executable, "-c", BIG_MESSAGES], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split("\n")[0] == str([4_000_000] * 6)
