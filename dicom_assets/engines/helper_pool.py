@@ -11,7 +11,9 @@ caller's CPU away from its own batches. :class:`HelperPool` has none of that:
 each helper is a new interpreter (``sys.executable``, started with
 ``fork``+``exec`` as ``spawn`` does, so no delta-rs thread or lock is ever
 inherited) talking over one Unix socket pair, and the caller polls the
-sockets after each of its own batches.
+sockets after each of its own batches. (A helper reads its socket in a thread
+of its own, :func:`~dicom_assets.engines.helper.serve`, so that a task and a
+reply sent at the same time cannot block each other.)
 
 A helper that dies (killed, crashed in native code) closes its socket; the
 pool notices the end of file and raises :class:`HelperLost`, which names the

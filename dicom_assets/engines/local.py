@@ -46,7 +46,7 @@ from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 #: while a helper started, taking that time from the reading of this process.
 HELPER_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
-#: At most this many files are read without starting a pool (see :func:`iter_batches`).
+#: At most this many files are read without starting helpers (see :func:`helpers_needed`).
 INLINE_MAX_FILES = 192
 
 
