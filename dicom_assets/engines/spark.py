@@ -33,7 +33,7 @@ from dicom_assets.config import Settings
 from dicom_assets.dicom.budget import ReadLimits
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines.base import ExtractionOutcome
-from dicom_assets.lake import delta, delta_commit
+from dicom_assets.lake import delta, delta_commit, parts
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
 if TYPE_CHECKING:
@@ -271,12 +271,12 @@ def extract_partition(
             rows, fails = extract(chunk_tasks, bulk_data_threshold=bulk_data_threshold, now=now)
             rows = delta.conform(rows, METASTORE_SCHEMA)
             fails = delta.conform(fails, FAILURES_SCHEMA)
-            add = delta_commit.write_part(table_dir, rows) if rows.num_rows else None
+            part = parts.write_part_file(table_dir, rows) if rows.num_rows else None
         except Exception as exc:  # noqa: BLE001 - the guard is the point
             yield _engine_failures(chunk, exc, now)
             continue
-        if add is not None:
-            yield _part_record(add, rows.num_rows)
+        if part is not None:
+            yield _part_record(part, rows.num_rows)
         if fails.num_rows:
             yield _failure_records(fails, [index_of.get(p, -1) for p in fails.column("filePath").to_pylist()])
 
@@ -306,16 +306,16 @@ def _task_from_row(row: dict[str, Any]) -> tuple[int, ExtractTask]:
     )
 
 
-def _part_record(add: Any, num_records: int) -> pa.RecordBatch:
+def _part_record(part: dict[str, Any], num_records: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(
         [
             {
                 "kind": "part",
-                "partPath": add.path,
-                "partSize": int(add.size),
-                "partModificationTime": int(add.modification_time),
+                "partPath": part["path"],
+                "partSize": part["size"],
+                "partModificationTime": part["modification_time"],
                 "partNumRecords": int(num_records),
-                "partStats": add.stats,
+                "partStats": part["stats"],
             }
         ],
         schema=RESULT_SCHEMA,

@@ -65,18 +65,8 @@ def write_part(table_dir_: str | Path, table: pa.Table) -> AddAction:
     return add_action_from_record(parts.write_part_file(table_dir_, table))
 
 
-def add_action_to_record(add: AddAction) -> dict[str, Any]:
-    """A plain dict for shipping an :class:`AddAction` between processes (the part record)."""
-    return {
-        "path": add.path,
-        "size": int(add.size),
-        "modification_time": int(add.modification_time),
-        "stats": add.stats,
-    }
-
-
 def add_action_from_record(rec: dict[str, Any]) -> AddAction:
-    """Inverse of :func:`add_action_to_record` (unpartitioned tables only)."""
+    """The ``add`` action of a part record (:func:`~dicom_assets.lake.parts.write_part_file`; unpartitioned tables only)."""
     return AddAction(
         path=str(rec["path"]),
         size=int(rec["size"]),
@@ -252,7 +242,6 @@ def _text(value: Any) -> str:
 
 __all__ = [
     "add_action_from_record",
-    "add_action_to_record",
     "commit_replace",
     "table_dir",
     "write_part",

@@ -213,12 +213,11 @@ def test_concurrent_writers_of_different_days_both_land(tmp_path: Path) -> None:
     assert content(uri) == sorted(keys(DAY1, 2, "u") + keys(DAY2, 2, "v") + keys(DAY3, 2, "w"))
 
 
-def test_add_action_records_round_trip(tmp_path: Path) -> None:
-    add = dc.write_part(tmp_path, rows(DAY1, 1, "rt"))
-    rec = dc.add_action_to_record(add)
+def test_part_records_ship_as_json_and_become_add_actions(tmp_path: Path) -> None:
+    rec = parts.write_part_file(tmp_path, rows(DAY1, 1, "rt"))
     assert json.loads(json.dumps(rec)) == rec
     back = dc.add_action_from_record(rec)
-    assert (back.path, back.size, back.modification_time, back.stats) == (add.path, add.size, add.modification_time, add.stats)
+    assert (back.path, back.size, back.modification_time, back.stats) == (rec["path"], rec["size"], rec["modification_time"], rec["stats"])
 
 
 def test_only_local_tables(tmp_path: Path) -> None:
