@@ -1,22 +1,26 @@
-"""Start-up of a local-engine pool helper: its allocator, its memory cap, and what it leaves unimported.
+"""Start-up of a local-engine pool helper: its allocator, its memory cap, and the imports it goes without.
 
 While a helper starts, the second core does nothing for the extraction, so its
 start-up is paid in wall time on every pool run. Measured in the benchmark's
 extraction (the corpus eight times, batches of 64): 0.57-0.66 s from spawn to
-the end of a helper's first batch, 0.35-0.41 s once it starts without
-optional imports that it never uses:
+the end of a helper's first batch, 0.35-0.41 s once it started without
+optional imports it never uses, and about 0.07 s less again without numpy:
 
-* **pandas** (0.12 s): pyarrow imports it on the first ``pa.array`` built
-  from a Python list, only to ask whether the list is a pandas object.
+* **numpy** (0.07 s) and **pandas** (0.12 s): pyarrow and pydicom import
+  numpy when it is installed, but both work without it (pydicom needs it only
+  to decode pixels, pyarrow only to convert to and from numpy and pandas), and
+  pyarrow imports pandas on the first ``pa.array`` built from a Python list,
+  only to ask whether the list is a pandas object.
 * **requests** (0.04 s) and **tqdm** (0.013 s): ``pydicom.pixels`` imports
   ``pydicom.data``, whose downloader of pydicom's test files uses requests and
   a tqdm progress bar when installed, ``urllib`` and no bar otherwise.
 
-So :func:`init_worker` imports the reader with these reported as missing, and
-lets pyarrow take its one look for pandas then. After start-up they import
-normally again; only pyarrow's answer stays cached, so in a helper it treats a
-pandas object as a plain sequence (none is ever passed there) while
-``Table.to_pandas()`` still works (pyarrow imports pandas again on that path).
+So :func:`init_worker` reports these as not installed, for the rest of the
+helper's life: a pyarrow imported without numpy crashes (segmentation fault)
+in ``Table.to_pandas()`` if numpy turns up later, whereas a helper that never
+has numpy raises ``ModuleNotFoundError`` there. The helper only reads
+batches (:func:`dicom_assets.engines.batch.run_batch`), which use neither;
+a test compares its rows with those of a process that has them all.
 
 This module imports only the standard library, because a helper's bootstrap
 imports it (for :func:`serve`) before anything else.
@@ -25,14 +29,13 @@ imports it (for :func:`serve`) before anything else.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-#: Optional imports a pool helper starts without (see the module docstring).
-SKIPPED_IMPORTS = ("pandas", "requests", "tqdm")
+#: Optional packages a pool helper runs without (see the module docstring).
+HELPER_WITHOUT = ("numpy", "pandas", "requests", "tqdm")
 
 
 class _MissingModules:
@@ -43,27 +46,29 @@ class _MissingModules:
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None) -> ModuleSpec | None:
         if fullname.partition(".")[0] in self.names:
-            raise ModuleNotFoundError(f"{fullname} is not imported while a pool helper starts", name=fullname)
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} in a local-engine pool helper, which runs without "
+                f"{', '.join(sorted(self.names))} (dicom_assets.engines.helper)",
+                name=fullname,
+            )
         return None
 
 
-@contextmanager
-def imports_skipped(names: Sequence[str]) -> Iterator[None]:
-    """Within the block, ``import`` of any of ``names`` not yet imported raises ``ModuleNotFoundError``.
+def block_imports(names: Sequence[str]) -> _MissingModules:
+    """From now on, ``import`` of any of ``names`` not yet imported raises ``ModuleNotFoundError``.
 
-    Modules already imported stay available; after the block every import works again.
+    Modules already imported stay available. Returns the finder, which
+    ``sys.meta_path.remove`` takes out again.
     """
     finder = _MissingModules([n for n in names if n not in sys.modules])
     sys.meta_path.insert(0, finder)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(finder)
+    return finder
 
 
 def init_worker(address_space_bytes: int = 0) -> None:
-    """Pool initializer: Arrow on the system allocator, the reader imported lean, and
-    this helper's address space capped at ``address_space_bytes`` (0: no cap).
+    """Pool initializer: the optional imports of :data:`HELPER_WITHOUT` blocked, Arrow on the
+    system allocator, the reader imported, and this helper's address space capped at
+    ``address_space_bytes`` (0: no cap).
 
     With a cap, Python raises ``MemoryError`` where the kernel would kill the
     process, and the reader turns it into a ``TooLarge`` failure record. The
@@ -72,14 +77,12 @@ def init_worker(address_space_bytes: int = 0) -> None:
     above ``max_file_bytes`` plus about 1 GiB. Linux and macOS only; never
     applied to the calling process (the in-process path of one worker).
     """
-    with imports_skipped(SKIPPED_IMPORTS):
-        from dicom_assets.lake.arrow_memory import use_system_allocator
+    block_imports(HELPER_WITHOUT)
+    from dicom_assets.lake.arrow_memory import use_system_allocator
 
-        use_system_allocator()
-        import pyarrow as pa
+    use_system_allocator()
+    import dicom_assets.engines.batch  # noqa: F401 - what a helper runs, imported during start-up
 
-        pa.array([], type=pa.null())  # pyarrow's one look for pandas, made now
-        import dicom_assets.engines.batch  # noqa: F401 - what a helper runs, imported without them
     if address_space_bytes <= 0 or sys.platform == "win32":
         return
     import resource
