@@ -7,12 +7,28 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from dicom_assets.defs.partitions import daily_partitions, today_key
+from dicom_assets.lake.arrow_memory import release_unused_memory
 from dicom_assets.settings import DicomAssetsSettings
 from dicom_assets.steps.sensing import decide
 
+
 #: Every asset of a partition, end to end.
+@dg.success_hook(name="release_unused_memory")
+def _release_after_success(_context: dg.HookContext) -> None:
+    release_unused_memory()
+
+
+@dg.failure_hook(name="release_unused_memory_after_failure")
+def _release_after_failure(_context: dg.HookContext) -> None:
+    release_unused_memory()
+
+
 all_assets_job = dg.define_asset_job(
-    "all_assets_job", selection=dg.AssetSelection.all(), partitions_def=daily_partitions
+    "all_assets_job",
+    selection=dg.AssetSelection.all(),
+    partitions_def=daily_partitions,
+    # Runs executed in one process keep each step's freed heap otherwise (arrow_memory).
+    hooks={_release_after_success, _release_after_failure},
 )
 
 TICK_SECONDS = 30

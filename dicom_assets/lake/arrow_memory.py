@@ -6,11 +6,17 @@ system allocator; the fabric sample's run at 758-827 MiB in five runs, 690-799
 MiB in five with it) and was no faster (the extraction engine over the corpus
 x8: 6.09 s and 6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
 when a user sets it, still decides.
+
+Between the steps of a run in one process, :func:`release_unused_memory`
+hands the heap a step freed back to the system (measured on a 30,000-instance
+day: the steps after the silver merge started at 567-581 MiB instead of
+638-710 MiB).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pyarrow as pa
 
@@ -32,3 +38,32 @@ def use_system_allocator() -> None:
 def backend_name() -> str:
     """The backend of Arrow's default pool in this process (``system``, ``mimalloc``, ``jemalloc``)."""
     return str(pa.default_memory_pool().backend_name)
+
+
+def release_unused_memory() -> None:
+    """Hand memory freed by the last step back to the operating system.
+
+    A Dagster run executed in one process (``dicom-assets run``, the
+    benchmark) keeps the heap of each step: glibc holds freed blocks in the
+    arenas of the threads delta-rs and Arrow ran on, so the process stayed at
+    a step's peak for the rest of the run. ``malloc_trim`` returns them (it
+    walks every arena); elsewhere this asks only Arrow's pool.
+    """
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
