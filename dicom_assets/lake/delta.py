@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from dicom_assets.lake import snapshots
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
 from dicom_assets.lake.parts import STATS_COLUMNS
 from dicom_assets.lake.schemas import conform
@@ -228,7 +229,7 @@ def read(
     parts = [t for t in iter_read(uri, schema, columns=columns, where=where) if t.num_rows]
     if parts:
         return pa.concat_tables(parts)
-    full = schema if schema is not None else pa.schema(DeltaTable(str(uri)).schema().to_arrow())
+    full = schema if schema is not None else pa.schema(snapshots.latest(uri).schema().to_arrow())
     return full.empty_table().select(list(columns)) if columns else full.empty_table()
 
 
@@ -241,7 +242,7 @@ def iter_read(
 ) -> Iterator[pa.Table]:
     """:func:`read`, one table per data file, so a caller can bound its memory."""
     try:
-        dt = DeltaTable(str(uri))
+        dt = snapshots.latest(uri)
     except TableNotFoundError:
         if schema is None:
             raise
@@ -372,7 +373,7 @@ def count(uri: str | Path) -> int:
     """
     if not exists(uri):
         return 0
-    dt = DeltaTable(str(uri))
+    dt = snapshots.latest(uri)
     adds = pa.table(dt.get_add_actions(flatten=True))
     if adds.num_rows == 0:
         return 0
