@@ -12,7 +12,6 @@ from dicom_assets.settings import DicomAssetsSettings
 from dicom_assets.steps.sensing import decide
 
 
-#: Every asset of a partition, end to end.
 @dg.success_hook(name="release_unused_memory")
 def _release_after_success(_context: dg.HookContext) -> None:
     release_unused_memory()
@@ -23,6 +22,7 @@ def _release_after_failure(_context: dg.HookContext) -> None:
     release_unused_memory()
 
 
+#: Every asset of a partition, end to end.
 all_assets_job = dg.define_asset_job(
     "all_assets_job",
     selection=dg.AssetSelection.all(),

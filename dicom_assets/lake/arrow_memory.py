@@ -16,6 +16,7 @@ day: the steps after the silver merge started at 567-581 MiB instead of
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -50,20 +51,19 @@ def release_unused_memory() -> None:
     walks every arena); elsewhere this asks only Arrow's pool.
     """
     pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
+@cache
 def _glibc() -> Any:
+    # The symbols already loaded into this process: no library search (which
+    # runs ldconfig) at import time, where pool helpers would pay for it.
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _glibc()
+    return libc if hasattr(libc, "malloc_trim") else None

@@ -39,7 +39,7 @@ def test_a_pool_the_user_chose_is_kept() -> None:
 
 TRIM_PROBE = (
     "import threading\n"
-    "from dicom_assets.lake.arrow_memory import _LIBC, release_unused_memory\n"
+    "from dicom_assets.lake.arrow_memory import _glibc, release_unused_memory\n"
     "def rss():\n"
     "    return int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
     "kept = []\n"
@@ -51,7 +51,7 @@ TRIM_PROBE = (
     "t = threading.Thread(target=churn); t.start(); t.join()\n"
     "freed = rss()\n"
     "release_unused_memory()\n"
-    "print(_LIBC is not None, freed, rss())\n"
+    "print(_glibc() is not None, freed, rss())\n"
 )
 
 
