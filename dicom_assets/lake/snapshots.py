@@ -40,8 +40,10 @@ def _first_log_file(path: str) -> tuple[int, int] | None:
 def latest(uri: str | Path) -> DeltaTable:
     """The table at ``uri`` at its latest version; raises ``TableNotFoundError`` like ``DeltaTable``.
 
-    The object is shared by later calls in this thread: use it for reads, and
-    do not move it to another version (``load_as_version``).
+    The object is shared by later calls in this thread: use it for reads and to
+    plan a commit (a commit that loses a race is planned again on the next
+    call's newer version), and do not move it to another version
+    (``load_as_version``).
     """
     path = str(uri)
     if "://" in path and not path.startswith("file://"):
