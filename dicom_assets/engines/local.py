@@ -59,7 +59,7 @@ def helpers_needed(tasks: Sequence[ExtractTask], settings: Settings) -> int:
     """How many pool helpers reading ``tasks`` takes; 0: this process reads them alone.
 
     Up to :data:`INLINE_MAX_FILES` files (and no ``worker_memory_bytes`` cap
-    asked for) are read in this process alone: a helper takes about 0.4 s to
+    asked for) are read in this process alone: a helper takes about 0.3 s to
     start (a fresh interpreter importing the reader and pyarrow,
     :mod:`~dicom_assets.engines.helper`), more than reading a small study on
     one core, and small days are the common incremental case.
@@ -119,7 +119,7 @@ def iter_batches(
     # finished batches count until this process collects them after its own
     # batch, and with three a helper still waited for work ~3% of the time (with
     # two, ~10%). Results are a few KiB each. Until the first result, two per
-    # helper: a batch sent cannot be taken back, and while helpers start (~0.4 s)
+    # helper: a batch sent cannot be taken back, and while helpers start (~0.3 s)
     # this process may read what would otherwise wait in their sockets.
     steady, starting = 5 * pool.size, 2 * pool.size
     workers = pool.size if capped else pool.size + 1

@@ -371,9 +371,10 @@ def count(uri: str | Path) -> int:
 
     Files written without statistics are counted by reading their footers.
     """
-    if not exists(uri):
+    try:
+        dt = snapshots.latest(uri)
+    except TableNotFoundError:
         return 0
-    dt = snapshots.latest(uri)
     adds = pa.table(dt.get_add_actions(flatten=True))
     if adds.num_rows == 0:
         return 0
