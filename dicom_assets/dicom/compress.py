@@ -16,6 +16,14 @@ here against 0.61 ms one after the other), then each folder once, then the origi
 the folders synced again. Until the batch's :meth:`CompressionBatch.finish`,
 a compressed file and its original both exist; a re-run after a crash reads
 the original again and rewrites the ZIP, so nothing is lost either way.
+
+A batch made with ``defer_removal=True`` leaves that last part (unlink the
+originals, sync their folders) to a background thread of this process, so
+the caller reads its next batch meanwhile: on this machine's disk an unlink
+waits ~0.5 ms (0.1 ms of it CPU), which made a third of the time of a batch's
+:meth:`~CompressionBatch.finish`. The caller must then call
+:func:`settle_removals` before it reports the files compressed (the local
+engine does so before its commit).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 import zipfile
 from concurrent.futures import Future
@@ -36,7 +45,14 @@ except ImportError:  # pragma: no cover - isal is a dependency; kept optional fo
 
 from dicom_assets.lake.fileops import fsync_files, shared_thread_pool
 
-__all__ = ["write_zip_durably", "read_single_member", "replace_with_zip", "CompressionBatch", "ZIP_COMPRESSLEVEL"]
+__all__ = [
+    "write_zip_durably",
+    "read_single_member",
+    "replace_with_zip",
+    "CompressionBatch",
+    "settle_removals",
+    "ZIP_COMPRESSLEVEL",
+]
 
 #: Writer threads per reading process, and the bytes they may hold unwritten.
 WRITER_THREADS = 2
@@ -159,6 +175,45 @@ def replace_with_zip(path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _remove_originals(paths: list[str], folders: list[str]) -> None:
+    """Unlink ``paths`` (their ZIPs are durable), then fsync ``folders`` so the unlinks are too.
+
+    One path that cannot be unlinked does not keep the others: the first
+    error is raised once the rest are done.
+    """
+    errors: list[OSError] = []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(exc)
+    for folder in folders:
+        _fsync_dir(folder)
+    if errors:
+        raise errors[0]
+
+
+# This process's deferred removals (see CompressionBatch), oldest first.
+_removals: list[Future[None]] = []
+_removals_lock = threading.Lock()
+
+
+def settle_removals() -> None:
+    """Wait until every removal of originals deferred by this process is done.
+
+    Raises the first error one of them met (an ``OSError`` other than a file
+    already gone); the originals concerned stay beside their ZIPs, which a
+    re-run reads again, so nothing is lost. Cheap when nothing is pending.
+    """
+    with _removals_lock:
+        pending, _removals[:] = list(_removals), []
+    errors = [exc for fut in pending if (exc := fut.exception()) is not None]
+    if errors:
+        raise errors[0]
+
+
 class CompressionBatch:
     """Replace many read files by their ZIPs: writes overlap the reading, folders are synced once.
 
@@ -167,12 +222,20 @@ class CompressionBatch:
     ZIP and rename it into place. :meth:`finish` waits for them, fsyncs every
     ZIP (several at a time) and then the touched folders, so
     every ZIP and rename is durable; only then does it unlink the originals
-    of the ZIPs written, and fsyncs the folders again. Memory-mapped (big)
+    of the ZIPs written, and fsyncs the folders again (with ``defer_removal``,
+    in the background: see :func:`settle_removals`). Memory-mapped (big)
     files are written at once, in the caller's thread.
     """
 
-    def __init__(self, threads: int = WRITER_THREADS, max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+    def __init__(
+        self,
+        threads: int = WRITER_THREADS,
+        max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+        *,
+        defer_removal: bool = False,
+    ) -> None:
         self._pool = shared_thread_pool("dicom-zip", threads) if threads > 0 else None
+        self._defer_removal = defer_removal
         self._max_inflight = max_inflight_bytes
         self._pending: list[tuple[int, str, str, Future[None], int]] = []
         self._inflight = 0
@@ -213,7 +276,9 @@ class CompressionBatch:
         """Wait for the writers, make every ZIP durable in its folder, then remove the originals.
 
         Returns the files whose ZIP could not be written, by ``key``; those
-        originals stay in place. Idempotent; the batch can be reused after.
+        originals stay in place. With ``defer_removal`` the other originals
+        are removed in the background (:func:`settle_removals` waits for
+        that). Idempotent; the batch can be reused after.
         """
         while self._pending:
             self._settle(self._pending.pop(0))
@@ -230,13 +295,14 @@ class CompressionBatch:
         folders = sorted({os.path.dirname(os.path.abspath(p)) for _k, path, z in written for p in (path, z)})
         for folder in folders:
             _fsync_dir(folder)
-        for _key, path, _zip in written:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        for folder in folders:
-            _fsync_dir(folder)
+        originals = [path for _key, path, _zip in written]
+        if self._defer_removal and originals:
+            # One thread: unlinks in one folder take its lock in turn anyway.
+            fut = shared_thread_pool("dicom-unlink", 1).submit(_remove_originals, originals, folders)
+            with _removals_lock:
+                _removals.append(fut)
+        elif originals:
+            _remove_originals(originals, folders)
         failed, self._failed, self._written = self._failed, {}, []
         return failed
 

@@ -160,6 +160,7 @@ def extract_batch(
     bulk_data_threshold: int = 1024,
     now: datetime | None = None,
     limits: ReadLimits | None = None,
+    defer_removal: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Read every task; return (metastore rows, failure records).
 
@@ -181,12 +182,17 @@ def extract_batch(
     wall-clock time, checked by the walker and, in the main thread, also by a
     ``SIGALRM`` backstop (see :mod:`dicom_assets.dicom.budget`). Nothing a
     file contains makes this function raise.
+
+    With ``defer_removal`` the originals of compressed files are unlinked in
+    the background once their ZIPs are durable; the caller must call
+    :func:`~dicom_assets.dicom.compress.settle_removals` before it relies on
+    them being gone.
     """
     now = now or datetime.now(UTC)
     limits = limits or ReadLimits()
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    zips = CompressionBatch()
+    zips = CompressionBatch(defer_removal=defer_removal)
     row_of: dict[int, int] = {}
     try:
         with alarm_handler_installed() as alarm_enabled:
@@ -288,13 +294,16 @@ def extract_batch_arrow(
     bulk_data_threshold: int = 1024,
     now: datetime | None = None,
     limits: ReadLimits | None = None,
+    defer_removal: bool = False,
 ) -> tuple[pa.Table, pa.Table]:
     """:func:`extract_batch` as tables with exactly ``METASTORE_SCHEMA`` and ``FAILURES_SCHEMA``.
 
     A row that does not convert to ``METASTORE_SCHEMA`` (a reader bug, never
     expected) becomes an ``InternalError`` failure instead of failing the batch.
     """
-    rows, failures = extract_batch(tasks, bulk_data_threshold=bulk_data_threshold, now=now, limits=limits)
+    rows, failures = extract_batch(
+        tasks, bulk_data_threshold=bulk_data_threshold, now=now, limits=limits, defer_removal=defer_removal
+    )
     try:
         table = pa.Table.from_pylist(rows, schema=METASTORE_SCHEMA)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):

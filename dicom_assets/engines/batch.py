@@ -23,14 +23,23 @@ BatchResult = tuple[dict[str, Any] | None, pa.Table, int]
 
 
 def run_batch(
-    tasks: list[ExtractTask], threshold: int, now: datetime, table_dir: str, limits: ReadLimits | None = None
+    tasks: list[ExtractTask],
+    threshold: int,
+    now: datetime,
+    table_dir: str,
+    limits: ReadLimits | None = None,
+    defer_removal: bool = False,
 ) -> BatchResult:
     """Extract one batch and write its rows as a part file of the table at ``table_dir``.
 
     Returns the part's record (:func:`~dicom_assets.lake.parts.write_part_file`),
-    the batch's failure records and the number of rows written.
+    the batch's failure records and the number of rows written. With
+    ``defer_removal``, compressed originals are unlinked in the background
+    (:func:`~dicom_assets.dicom.compress.settle_removals` waits for them).
     """
-    rows, fails = extract_batch_arrow(tasks, bulk_data_threshold=threshold, now=now, limits=limits)
+    rows, fails = extract_batch_arrow(
+        tasks, bulk_data_threshold=threshold, now=now, limits=limits, defer_removal=defer_removal
+    )
     rows = conform(rows, METASTORE_SCHEMA)
     if rows.num_rows == 0:
         return None, fails, 0

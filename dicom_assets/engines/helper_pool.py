@@ -169,6 +169,9 @@ class HelperPool:
         """
         helper = min(self._helpers, key=lambda h: len(h.in_flight))
         self._drain(helper)
+        self._send(helper, fn, args)
+
+    def _send(self, helper: _Helper, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         task_id = self._next_id
         self._next_id += 1
         try:
@@ -194,6 +197,27 @@ class HelperPool:
                 exc_value, tb = value
                 raise exc_value from RemoteTraceback(tb)
             yield value
+
+    def call_each(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run ``fn(*args)`` once in every helper and wait for all; their results, one per helper.
+
+        For per-process work at the end of a job (e.g. waiting for a helper's
+        background threads); only when no task is in flight, so that no batch
+        result is mixed in. An exception raised in a helper is raised here.
+        """
+        if self.in_flight:
+            raise RuntimeError("call_each needs every task collected first")
+        for h in self._helpers:
+            self._send(h, fn, args)
+        for h in self._helpers:
+            connection.wait([h.conn])
+            self._drain(h)
+        replies, self._arrived = list(self._arrived), deque()
+        for ok, value in replies:
+            if not ok:
+                exc_value, tb = value
+                raise exc_value from RemoteTraceback(tb)
+        return [value for _ok, value in replies]
 
     def _drain(self, h: _Helper) -> None:
         """Take in every reply waiting in ``h``'s socket (end of file: the helper is lost)."""

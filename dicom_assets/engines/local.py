@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from dicom_assets.config import Settings
 from dicom_assets.dicom.budget import ReadLimits
+from dicom_assets.dicom.compress import settle_removals
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines.base import ExtractionOutcome, batches
 from dicom_assets.engines.batch import BatchResult, run_batch
@@ -103,17 +104,24 @@ def iter_batches(
     This process reads batches itself while the helpers start and work, so
     their start-up overlaps useful work instead of leaving the cores idle;
     under a ``worker_memory_bytes`` cap every batch goes to the capped helpers.
+
+    Each process unlinks the originals of the files it compressed in the
+    background, while it reads on
+    (:func:`~dicom_assets.dicom.compress.settle_removals`); once the last
+    batch is out, this waits until every process has done so, so a run that
+    went through leaves only the ZIPs.
     """
     groups = deque(batches(tasks, settings.batch_size))
     limits = ReadLimits.from_settings(settings)
     capped = bool(worker_address_space_bytes(settings))
 
     def here(group: list[ExtractTask]) -> BatchResult:
-        return run_batch(group, settings.bulk_data_threshold, now, table_dir, limits)
+        return run_batch(group, settings.bulk_data_threshold, now, table_dir, limits, True)
 
     if pool is None:
         while groups:
             yield here(groups.popleft())
+        settle_removals()
         return
     # Five batches per helper in flight once helpers are working: a helper's
     # finished batches count until this process collects them after its own
@@ -132,7 +140,7 @@ def iter_batches(
             # itself, so that neither side ends up waiting for the other's queue.
             window = min(window, (len(groups) - 1) * pool.size)
         while groups and pool.in_flight < window:
-            pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits)
+            pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits, True)
         if groups and not capped:
             yield here(groups.popleft())
             arrived = list(pool.collect(block=False))
@@ -140,6 +148,8 @@ def iter_batches(
             arrived = list(pool.collect(block=True))
         returned += len(arrived)
         yield from arrived
+    settle_removals()
+    pool.call_each(settle_removals)
 
 
 def _split_tail(groups: deque[list[ExtractTask]], count: int, size: int) -> deque[list[ExtractTask]]:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from dicom_assets.config import Settings
@@ -46,6 +49,13 @@ class OrganiseRun:
     #: Sources held by a plan kept for retry: not planned twice.
     pending: set[str] = field(default_factory=set)
     staging_in_use: set[str] = field(default_factory=set)
+    # Plans run in a thread of their own (PlanRunner) and count their deferrals too.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def defer(self, n: int = 1) -> None:
+        """Count ``n`` files left for the next run (safe from the plan thread too)."""
+        with self._lock:
+            self.deferred += n
 
     @property
     def state(self) -> Path:
@@ -196,7 +206,7 @@ def execute(run: OrganiseRun, plan: dict[str, Any], plan_file: Path) -> None:
         fileops.atomic_write_json(plan_file, plan, indent=None)
         run.pending.update(_plan_sources(plan))
         run.staging_in_use.update(plan["stagings"])
-        run.deferred += len(plan["steps"])
+        run.defer(len(plan["steps"]))
         return
     _delete_landed_zips(plan, done)
     os.unlink(plan_file)
@@ -297,11 +307,56 @@ class PlanBatch:
         self.steps.extend(steps)
         self.stagings.append(staging)
 
-    def flush(self, run: OrganiseRun) -> None:
-        """Run the gathered plan, then start empty."""
+    def flush(self, run: OrganiseRun, runner: PlanRunner | None = None) -> None:
+        """Run the gathered plan (through ``runner`` if given), then start empty."""
         steps, zips, stagings = self.steps, self.zips, self.stagings
         self.steps, self.zips, self.stagings = [], [], []
-        run_plan(run, steps, zips=zips, stagings=stagings)
+        if runner is None:
+            run_plan(run, steps, zips=zips, stagings=stagings)
+        else:
+            runner.submit(run, steps, zips=zips, stagings=stagings)
+
+
+class PlanRunner:
+    """Runs plans one after the other in a thread of its own, while the caller gathers the next.
+
+    Organising a batch has two halves of like cost: reading, hashing and
+    extracting the files (the caller's :class:`PlanBatch`), then writing the
+    intent, moving, syncing and journalling them (:func:`run_plan`). Most of
+    the second half waits for the disk or runs in the kernel, so the halves
+    overlap well on two cores. A plan starts only once the one before it has
+    finished, so plans keep their order and at most one runs at a time; each
+    still writes its intent before it moves anything, so :func:`recover` rolls
+    forward whatever a kill interrupts. Use it as a context manager: leaving
+    the block waits for the last plan (the caller holds the organise lock
+    until then) and raises its error, unless the block is already raising.
+    """
+
+    def __init__(self) -> None:
+        self._running: Future[None] | None = None
+
+    def submit(self, run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> None:
+        """Wait for the plan before (raising its error), then start :func:`run_plan` on this one."""
+        self.wait()
+        self._running = fileops.shared_thread_pool("organise-plan", 1).submit(run_plan, run, steps, **extra)
+
+    def wait(self) -> None:
+        """Wait until no plan runs; raise the error of the one that ran last, if any."""
+        running, self._running = self._running, None
+        if running is not None:
+            running.result()
+
+    def __enter__(self) -> PlanRunner:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the error already raising is the one to report
+            log.exception("organise: a plan failed while the run was already failing")
 
 
 def recover(run: OrganiseRun) -> None:

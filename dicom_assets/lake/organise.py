@@ -62,7 +62,7 @@ from dicom_assets.lake.failures import (
     list_failed,
     move_to_failed,
 )
-from dicom_assets.lake.intents import OrganiseRun, PlanBatch, item_step, plan_step, recover, same_stat
+from dicom_assets.lake.intents import OrganiseRun, PlanBatch, PlanRunner, item_step, plan_step, recover, same_stat
 from dicom_assets.lake.paths import LakePaths
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
         fd = fileops.open_regular(item.path)
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
-        run.deferred += 1
+        run.defer()
         return
     sha: str | None = None
     try:
@@ -128,7 +128,7 @@ def _classify(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
                 verdict = "land" if is_dicom else "NotDicom" if lower.endswith(".dcm") else "CorruptZip"
     except OSError as exc:
         log.warning("organise: cannot read %s: %s", original, exc.strerror)
-        run.deferred += 1
+        run.defer()
         return
     finally:
         os.close(fd)
@@ -166,7 +166,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         log.warning("organise: cannot extract %s: %s", original, exc.strerror)
-        run.deferred += 1
+        run.defer()
         return
     kept = [m for m in members if m.staged_path is not None]
     if corrupt and not kept:
@@ -190,7 +190,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
     if errors:
         shutil.rmtree(staging, ignore_errors=True)
         log.warning("organise: cannot sync the extraction of %s: %s", original, getattr(errors[0], "strerror", errors[0]))
-        run.deferred += 1
+        run.defer()
         return
     fileops.fsync_dir(staging)
     fileops.crash_point("organise:staged")
@@ -246,20 +246,22 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
     with fileops.exclusive_lock(run.state / "lock"):
         recover(run)
         batch = PlanBatch()
-        for item in walk_ingest(paths, settings, folders):
-            if item.kind == SPECIAL:
-                run.ignored += 1  # FIFOs, sockets, devices: never opened
-                continue
-            if not item.settled(settings.settle_seconds, now):
-                run.unsettled += 1
-                continue
-            if str(item.path) in run.pending:
-                continue  # already counted as deferred
-            assert item.kind in (FILE, LINK)
-            _classify(run, item, batch)
-            if len(batch) >= max(1, settings.batch_size):  # one intent per batch
-                batch.flush(run)
-        batch.flush(run)
+        # Each batch's plan runs in the background while the next batch is read.
+        with PlanRunner() as runner:
+            for item in walk_ingest(paths, settings, folders):
+                if item.kind == SPECIAL:
+                    run.ignored += 1  # FIFOs, sockets, devices: never opened
+                    continue
+                if not item.settled(settings.settle_seconds, now):
+                    run.unsettled += 1
+                    continue
+                if str(item.path) in run.pending:
+                    continue  # already counted as deferred
+                assert item.kind in (FILE, LINK)
+                _classify(run, item, batch)
+                if len(batch) >= max(1, settings.batch_size):  # one intent per batch
+                    batch.flush(run, runner)
+            batch.flush(run, runner)
         prune_empty_folders(folders, older_than=time.time() - settings.settle_seconds)
     return OrganiseResult(
         landed=run.landed,

@@ -296,3 +296,59 @@ def test_isal_zip_is_a_valid_zip_with_the_same_member_as_zipfiles(
     assert compress_mod.read_single_member(str(ours)) == data
     if shutil.which("unzip"):  # an independent reader (Info-ZIP), where installed
         assert subprocess.run(["unzip", "-tq", str(ours)], capture_output=True).returncode == 0
+
+
+def test_deferred_removal_unlinks_after_the_zips_are_durable_and_settles_on_demand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """defer_removal: the batch returns before its originals go; settle_removals waits for them, order kept."""
+    import threading
+
+    calls = _record_file_ops(monkeypatch)
+    release = threading.Event()
+    real_remove = compress_mod._remove_originals
+
+    def held(paths: list[str], folders: list[str]) -> None:
+        assert release.wait(10)
+        real_remove(paths, folders)
+
+    monkeypatch.setattr(compress_mod, "_remove_originals", held)
+    files = []
+    for i in range(4):
+        f = tmp_path / f"d{i}.dcm"
+        f.write_bytes(dicom_bytes())
+        files.append(f)
+    rows, failures = extract_batch([task(f, compress=True) for f in files], now=NOW, defer_removal=True)
+    assert len(rows) == 4 and failures == []
+    # Returned with every ZIP durable and every original still there.
+    assert all(f.exists() and Path(str(f) + ".zip").exists() for f in files)
+    assert "unlink" not in calls and calls.count("fsync") == 4 + 1
+    release.set()
+    compress_mod.settle_removals()
+    assert all(not f.exists() and Path(str(f) + ".zip").exists() for f in files)
+    assert calls[calls.index("unlink") :].count("fsync") == 1  # the folder, after the unlinks
+    compress_mod.settle_removals()  # nothing pending: returns at once
+
+
+def test_a_deferred_removal_error_is_raised_by_settle_and_the_original_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink failing in the background (not 'already gone') surfaces at settle_removals."""
+    f, g = tmp_path / "keep.dcm", tmp_path / "gone.dcm"
+    f.write_bytes(dicom_bytes())
+    g.write_bytes(dicom_bytes(sop="1.2.3.4.6"))
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *a: Any, **k: Any) -> None:
+        if str(path).endswith("keep.dcm"):
+            raise OSError(5, "Input/output error")
+        real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    rows, failures = extract_batch([task(f, compress=True), task(g, compress=True)], now=NOW, defer_removal=True)
+    assert len(rows) == 2 and failures == []
+    with pytest.raises(OSError, match="Input/output error"):
+        compress_mod.settle_removals()
+    assert f.exists() and Path(str(f) + ".zip").exists()  # a re-run reads it again
+    assert not g.exists()
+    compress_mod.settle_removals()  # reported once

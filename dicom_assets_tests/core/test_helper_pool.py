@@ -170,3 +170,16 @@ BIG_MESSAGES = textwrap.dedent(
 def test_big_tasks_and_big_replies_do_not_deadlock() -> None:
     done = subprocess.run([sys.executable, "-c", BIG_MESSAGES], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split("\n")[0] == str([4_000_000] * 6)
+
+
+def test_call_each_runs_once_in_every_helper_after_the_tasks_are_collected() -> None:
+    with HelperPool(2, init_worker) as pool:
+        assert pool.call_each(os.getpid) == pool.pids
+        pool.submit(math.sqrt, 4.0)
+        with pytest.raises(RuntimeError, match="every task collected"):
+            pool.call_each(os.getpid)
+        assert _results(pool, 1) == [2.0]
+        with pytest.raises(ValueError, match="Invalid literal for Fraction") as info:
+            pool.call_each(Fraction, "x")
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert pool.in_flight == 0 and pool.call_each(math.sqrt, 9.0) == [3.0, 3.0]

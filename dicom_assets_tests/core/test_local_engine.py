@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,33 @@ def test_with_two_workers_this_process_reads_beside_one_helper(tmp_path: Path, m
         results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
     assert sum(rows for _add, _fails, rows in results) == len(tasks)
     assert 1 <= here["batches"] < len(results)
+
+
+def _compressed_tasks(tmp_path: Path, n: int) -> list[Any]:
+    out = []
+    for i in range(n):
+        f = tmp_path / f"c{i}.dcm"
+        f.write_bytes(dicom_bytes(sop=f"1.2.3.5.{i}"))
+        out.append(task(f, compress=True))
+    return out
+
+
+@pytest.mark.parametrize("n", [5, local.INLINE_MAX_FILES + 1], ids=["in-process", "with-a-helper"])
+def test_batches_done_means_every_compressed_original_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Originals are unlinked in the background of each process; the last batch out waits for all of them."""
+    from dicom_assets.dicom import compress
+    from dicom_assets_tests.core.slow_removal import slow_down_removals
+
+    (tmp_path / "table").mkdir()
+    tasks = _compressed_tasks(tmp_path, n)
+    settings = Settings(workers=2, batch_size=64 if n > 5 else 2)
+    with local.helper_pool(tasks, settings) as pool:
+        if pool is None:
+            real = compress._remove_originals
+            monkeypatch.setattr(compress, "_remove_originals", lambda p, f: (time.sleep(0.5), real(p, f))[1])
+        else:  # only the helper's removals are slow: this process's own wait is no help
+            pool.call_each(slow_down_removals, 0.5)
+        results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
+        assert sum(rows for _add, _fails, rows in results) == n
+        left = [t.path for t in tasks if Path(t.path).exists()]
+        assert left == [] and all(Path(t.file_path).exists() for t in tasks)
