@@ -136,14 +136,18 @@ def _read(task: ExtractTask, limits: ReadLimits) -> tuple[Buffer, str, bool]:
     if task.member is not None:
         return _read_member(task.path, task.member, max_bytes), task.path, False
     compress = task.file_path == task.path + ".zip"
-    if compress and not os.path.exists(task.path) and os.path.exists(task.file_path):
+    try:
+        fh = open(task.path, "rb")
+    except FileNotFoundError:
+        if not (compress and os.path.exists(task.file_path)):
+            raise
         # A previous run compressed the file and died before recording it.
         try:
             data = _read_member(task.file_path, Path(task.path).name, max_bytes)
         except KeyError:
             data = _read_member(task.file_path, None, max_bytes)
         return data, task.file_path, False
-    with open(task.path, "rb") as fh:
+    with fh:
         size = os.fstat(fh.fileno()).st_size
         if size > max_bytes:
             raise FileTooLarge(size, max_bytes)

@@ -105,8 +105,12 @@ def fsync_files(paths: Sequence[str | Path]) -> list[BaseException | None]:
     return list(shared_thread_pool("fsync", FSYNC_THREADS).map(fsync_file, paths))
 
 
-def ensure_dir(path: Path) -> None:
-    """Create ``path`` and missing parents, fsyncing each parent that gained an entry."""
+def ensure_dir(path: Path, *, new_parents: set[Path] | None = None) -> None:
+    """Create ``path`` and missing parents, fsyncing each parent that gained an entry.
+
+    With ``new_parents`` those parents are added to it instead, for the
+    caller to fsync (:func:`sync_all`) before it relies on the new folders.
+    """
     missing: list[Path] = []
     p = Path(path)
     while not p.is_dir():
@@ -118,7 +122,10 @@ def ensure_dir(path: Path) -> None:
         except FileExistsError:
             if not d.is_dir():
                 raise
-        fsync_dir(d.parent)
+        if new_parents is None:
+            fsync_dir(d.parent)
+        else:
+            new_parents.add(d.parent)
 
 
 def part_path(target: Path) -> Path:
@@ -261,7 +268,9 @@ def durable_move(
     src, dst = Path(src), Path(dst)
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "target exists", str(dst))
-    ensure_dir(dst.parent)
+    # Folders made for dst are synced with the others of the move (or the batch).
+    new_parents: set[Path] = set()
+    ensure_dir(dst.parent, new_parents=new_parents)
     if os.lstat(src).st_dev == os.stat(dst.parent).st_dev:
         try:
             os.rename(src, dst)
@@ -270,11 +279,11 @@ def durable_move(
                 raise
         else:
             if sync_dirs is None:
-                fsync_dir(dst.parent)
-                fsync_dir(src.parent)
+                sync_all({dst.parent, src.parent} | new_parents)
             else:
-                sync_dirs.update((dst.parent, src.parent))
+                sync_dirs.update((dst.parent, src.parent), new_parents)
             return
+    sync_all(new_parents)  # before the source can go
     tmp = _copy_to_part(src, dst, expect_sha256)
     os.rename(tmp, dst)
     fsync_dir(dst.parent)
@@ -284,9 +293,18 @@ def durable_move(
 
 
 def sync_all(dirs: Iterable[Path]) -> None:
-    for d in sorted(set(dirs)):
-        if d.is_dir():
+    """fsync every folder of ``dirs`` that exists, :data:`FSYNC_THREADS` at a time; raise the first error.
+
+    Concurrent fsyncs share the filesystem's journal commits, as for files
+    (:func:`fsync_files`): one plan of the fabric sample touches ~20 folders.
+    """
+    todo = [d for d in sorted(set(dirs)) if os.path.isdir(d)]
+    if len(todo) <= 1:
+        for d in todo:
             fsync_dir(d)
+        return
+    for _ in shared_thread_pool("fsync", FSYNC_THREADS).map(fsync_dir, todo):
+        pass
 
 
 def remove_quietly(path: Path) -> None:

@@ -42,7 +42,20 @@ def test_durable_move_same_filesystem(tmp_path: Path) -> None:
     sync: set[Path] = set()
     fileops.durable_move(src, dst, sync_dirs=sync)
     assert dst.read_bytes() == b"data" and not src.exists()
-    assert sync == {src.parent, dst.parent}
+    # Both folders of the rename, and the parents of the two folders it made.
+    assert sync == {src.parent, dst.parent, tmp_path, tmp_path / "out"}
+
+
+def test_durable_move_syncs_every_folder_it_touched_or_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a caller's set the move syncs them itself, the new folders' parents included."""
+    synced: list[Path] = []
+    real = fileops.fsync_dir
+    monkeypatch.setattr(fileops, "fsync_dir", lambda p: (synced.append(Path(p)), real(p))[1])
+    src = tmp_path / "in" / "x.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+    fileops.durable_move(src, tmp_path / "out" / "deep" / "x.dcm")
+    assert sorted(synced) == sorted([src.parent, tmp_path / "out" / "deep", tmp_path, tmp_path / "out"])
 
 
 def test_durable_move_refuses_to_overwrite(tmp_path: Path) -> None:
