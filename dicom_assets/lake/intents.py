@@ -261,9 +261,46 @@ def _not_yet_journalled(paths: LakePaths, landed: list[LandedFile]) -> list[Land
     return out
 
 
+def _sync_staged(run: OrganiseRun, steps: list[dict[str, Any]], zips: list[dict[str, Any]], stagings: list[str]) -> bool:
+    """Make the plan's staged ZIP members durable, then their folders, before the intent names them.
+
+    False when a sync failed (an I/O error): nothing of the plan has moved and
+    no intent is written; its staging folders go and its Ingest files (loose
+    files and ZIPs) stay for the next run, counted as deferred.
+    """
+    roots = tuple(os.path.join(folder, "") for folder in stagings)
+    staged = [step["src"] for step in steps if step["src"].startswith(roots)]
+    errors = [e for e in fileops.fsync_files(staged) if e is not None]
+    if not errors:
+        try:
+            for folder in stagings:
+                fileops.fsync_dir(Path(folder))
+        except OSError as exc:
+            errors.append(exc)
+    if errors:
+        log.warning(
+            "organise: cannot sync the extraction of %d ZIP(s): %s; their batch is left for the next run",
+            len(stagings), getattr(errors[0], "strerror", errors[0]),
+        )
+        for folder in stagings:
+            shutil.rmtree(folder, ignore_errors=True)
+        run.defer(len(steps) - len(staged) + len(zips))
+        return False
+    for _folder in stagings:
+        fileops.crash_point("organise:staged")
+    return True
+
+
 def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> None:
-    """Write the plan durably, then execute it (``zips``/``stagings`` in ``extra``: see :class:`PlanBatch`)."""
+    """Write the plan durably, then execute it (``zips``/``stagings`` in ``extra``: see :class:`PlanBatch`).
+
+    Staged ZIP members are synced first (:func:`_sync_staged`): a plan's
+    sources are durable before its intent exists.
+    """
     if not steps and not extra.get("zips"):
+        return
+    stagings = extra.get("stagings") or []
+    if stagings and not _sync_staged(run, steps, extra.get("zips") or [], stagings):
         return
     plan = {"steps": steps, **extra}
     plan_file = _plan_path(run)
@@ -278,8 +315,8 @@ class PlanBatch:
 
     One plan (and its intent file, folder syncs and journal append) per batch
     rather than per ZIP: with archives of a dozen files, the per-plan fsyncs
-    cost more than the moves. Every staging folder listed is durable before
-    the plan is written (see :func:`dicom_assets.lake.organise._organise_zip`).
+    cost more than the moves. Every staging folder listed, and the members
+    staged in it, is synced before the plan is written (:func:`run_plan`).
     """
 
     steps: list[dict[str, Any]] = field(default_factory=list)

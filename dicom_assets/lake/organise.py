@@ -4,7 +4,7 @@ Crash safety rests on an intent journal in ``_state/organise/intents``. Work
 is done in *plans*: a batch of plain files and whole ZIPs. A plan lists every
 step (source, target, expected SHA-256, source stat, the record to write) and
 is written and fsynced **before** anything moves; ZIP members are first
-extracted into a staging folder (and fsynced) so a plan's sources are always
+extracted into a staging folder (fsynced before the plan is written) so a plan's sources are always
 durable. Executing a plan moves each step (atomic rename, or copy + fsync +
 rename + unlink across filesystems), fsyncs the touched folders, then writes
 the records (landed journal, ``.error.json``), deletes each ZIP whose members all landed, and last
@@ -186,14 +186,8 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         run.unsettled += 1
         return
-    errors = [e for e in fileops.fsync_files([str(m.staged_path) for m in kept]) if e is not None]
-    if errors:
-        shutil.rmtree(staging, ignore_errors=True)
-        log.warning("organise: cannot sync the extraction of %s: %s", original, getattr(errors[0], "strerror", errors[0]))
-        run.defer()
-        return
-    fileops.fsync_dir(staging)
-    fileops.crash_point("organise:staged")
+    # The staged members are made durable by the plan, before it writes its
+    # intent (intents.run_plan), together with the other ZIPs of the batch.
     steps: list[dict[str, Any]] = []
     for m in kept:
         assert m.staged_path is not None

@@ -335,6 +335,36 @@ def test_an_io_error_keeps_the_plan_and_the_next_run_finishes_it(
     assert len(journal) == 2
 
 
+def test_staged_members_that_cannot_be_synced_leave_their_batch_in_ingest(
+    paths: LakePaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan syncs its staged ZIP members before its intent; an I/O error there moves nothing."""
+    from dicom_assets.lake import fileops
+
+    ct, mr = dcm("CT_small.dcm"), dcm("MR_small.dcm")
+    zp = drop(paths, "ns/z.zip", make_zip([("a.dcm", ct)]))
+    loose = drop(paths, "ns/loose.dcm", mr)
+    real = fileops.fsync_file
+    staging = str(paths.state_dir / "organise" / "staging")
+    synced: list[str] = []
+
+    def failing(path: str) -> BaseException | None:
+        synced.append(str(path))
+        return OSError(5, "Input/output error") if str(path).startswith(staging) else real(path)
+
+    monkeypatch.setattr(fileops, "fsync_file", failing)
+    first = organise(paths, settings(paths, batch_size=64), DAY, now=time.time())
+    assert any(p.startswith(staging) for p in synced)
+    assert (first.landed, first.failed, first.deferred) == ([], [], 2)
+    assert zp.exists() and loose.exists() and not paths.process_dir("ns", DAY).exists()
+    assert not (paths.state_dir / "organise" / "intents").exists()  # no intent was ever written
+    assert not any((paths.state_dir / "organise" / "staging").iterdir())
+    monkeypatch.setattr(fileops, "fsync_file", real)
+    second = organise(paths, settings(paths, batch_size=64), DAY, now=time.time())
+    assert (len(second.landed), second.deferred) == (2, 0) and not zp.exists() and not loose.exists()
+    assert sorted(sha(v) for v in files_under(paths.process_dir("ns", DAY)).values()) == sorted([sha(ct), sha(mr)])
+
+
 def test_dcm_named_zip_without_dicom_fails(paths: LakePaths) -> None:
     drop(paths, "ns/odd.dcm", make_zip([("notes.txt", b"x")]))
     [failed] = organise(paths, settings(paths), DAY, now=time.time()).failed
