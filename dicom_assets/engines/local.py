@@ -22,6 +22,7 @@ then fails with ``TooLarge`` instead of waking the kernel's OOM killer.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,8 @@ from dicom_assets.engines.helper import init_worker
 from dicom_assets.engines.helper_pool import HelperPool
 from dicom_assets.lake import delta, delta_commit
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
+
+log = logging.getLogger(__name__)
 
 #: Environment defaults of pool helpers (a variable already set wins). numpy is
 #: imported (by pyarrow and pydicom) but never computes here, and OpenBLAS's
@@ -109,8 +112,26 @@ def iter_batches(
     background, while it reads on
     (:func:`~dicom_assets.dicom.compress.settle_removals`); once the last
     batch is out, this waits until every process has done so, so a run that
-    went through leaves only the ZIPs.
+    went through leaves only the ZIPs. A run that fails (or is abandoned)
+    still waits for this process's removals, so none is left to a later run
+    of the process; their errors are logged, as the run's own is raised.
     """
+    try:
+        yield from _run_batches(tasks, settings, now, table_dir, pool)
+    except BaseException:
+        try:
+            settle_removals()
+        except OSError as exc:
+            log.warning("extraction failed; removing a compressed original failed too: %s", exc.strerror or exc)
+        raise
+    settle_removals()
+    if pool is not None:
+        pool.call_each(settle_removals)
+
+
+def _run_batches(
+    tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str, pool: HelperPool | None
+) -> Iterator[BatchResult]:
     groups = deque(batches(tasks, settings.batch_size))
     limits = ReadLimits.from_settings(settings)
     capped = bool(worker_address_space_bytes(settings))
@@ -121,7 +142,6 @@ def iter_batches(
     if pool is None:
         while groups:
             yield here(groups.popleft())
-        settle_removals()
         return
     # Five batches per helper in flight once helpers are working: a helper's
     # finished batches count until this process collects them after its own
@@ -148,8 +168,6 @@ def iter_batches(
             arrived = list(pool.collect(block=True))
         returned += len(arrived)
         yield from arrived
-    settle_removals()
-    pool.call_each(settle_removals)
 
 
 def _split_tail(groups: deque[list[ExtractTask]], count: int, size: int) -> deque[list[ExtractTask]]:

@@ -103,3 +103,18 @@ def test_batches_done_means_every_compressed_original_is_gone(tmp_path: Path, mo
         assert sum(rows for _add, _fails, rows in results) == n
         left = [t.path for t in tasks if Path(t.path).exists()]
         assert left == [] and all(Path(t.file_path).exists() for t in tasks)
+
+
+def test_an_abandoned_run_still_waits_for_its_removals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No removal is left behind for a later run of the process to wait for (or to report)."""
+    from dicom_assets.dicom import compress
+
+    real = compress._remove_originals
+    monkeypatch.setattr(compress, "_remove_originals", lambda p, f: (time.sleep(0.5), real(p, f))[1])
+    (tmp_path / "table").mkdir()
+    tasks = _compressed_tasks(tmp_path, 4)
+    run = local.iter_batches(tasks, Settings(workers=1, batch_size=2), NOW, str(tmp_path / "table"))
+    next(run)
+    run.close()  # the consumer gives up after one batch (an error elsewhere)
+    assert [Path(t.path).exists() for t in tasks] == [False, False, True, True]
+    assert not compress._removals
