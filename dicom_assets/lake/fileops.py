@@ -296,7 +296,8 @@ def sync_all(dirs: Iterable[Path]) -> None:
     """fsync every folder of ``dirs`` that exists, :data:`FSYNC_THREADS` at a time; raise the first error.
 
     Concurrent fsyncs share the filesystem's journal commits, as for files
-    (:func:`fsync_files`): one plan of the fabric sample touches ~20 folders.
+    (:func:`fsync_files`): an organise plan syncs every folder it moved files
+    into or out of, and the parents of the folders it made.
     """
     todo = [d for d in sorted(set(dirs)) if os.path.isdir(d)]
     if len(todo) <= 1:

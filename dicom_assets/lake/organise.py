@@ -4,9 +4,10 @@ Crash safety rests on an intent journal in ``_state/organise/intents``. Work
 is done in *plans*: a batch of plain files and whole ZIPs. A plan lists every
 step (source, target, expected SHA-256, source stat, the record to write) and
 is written and fsynced **before** anything moves; ZIP members are first
-extracted into a staging folder (fsynced before the plan is written) so a plan's sources are always
-durable. Executing a plan moves each step (atomic rename, or copy + fsync +
-rename + unlink across filesystems), fsyncs the touched folders, then writes
+extracted into a staging folder, which the plan fsyncs before it writes its
+intent, so a plan's sources are always durable. Executing a plan moves each
+step (atomic rename, or copy + fsync + rename + unlink across filesystems),
+fsyncs the touched folders, then writes
 the records (landed journal, ``.error.json``), deletes each ZIP whose members all landed, and last
 removes the intent. Each step is idempotent by the state on disk:
 
