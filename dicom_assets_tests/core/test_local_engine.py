@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,15 +87,14 @@ def _compressed_tasks(tmp_path: Path, n: int) -> list[Any]:
 def test_batches_done_means_every_compressed_original_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Originals are unlinked in the background of each process; the last batch out waits for all of them."""
     from dicom_assets.dicom import compress
-    from dicom_assets_tests.core.slow_removal import slow_down_removals
+    from dicom_assets_tests.core.slow_removal import delayed, slow_down_removals
 
     (tmp_path / "table").mkdir()
     tasks = _compressed_tasks(tmp_path, n)
     settings = Settings(workers=2, batch_size=64 if n > 5 else 2)
     with local.helper_pool(tasks, settings) as pool:
         if pool is None:
-            real = compress._remove_originals
-            monkeypatch.setattr(compress, "_remove_originals", lambda p, f: (time.sleep(0.5), real(p, f))[1])
+            monkeypatch.setattr(compress, "_remove_originals", delayed(compress._remove_originals, 0.5))
         else:  # only the helper's removals are slow: this process's own wait is no help
             pool.call_each(slow_down_removals, 0.5)
         results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
@@ -108,9 +106,9 @@ def test_batches_done_means_every_compressed_original_is_gone(tmp_path: Path, mo
 def test_an_abandoned_run_still_waits_for_its_removals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No removal is left behind for a later run of the process to wait for (or to report)."""
     from dicom_assets.dicom import compress
+    from dicom_assets_tests.core.slow_removal import delayed
 
-    real = compress._remove_originals
-    monkeypatch.setattr(compress, "_remove_originals", lambda p, f: (time.sleep(0.5), real(p, f))[1])
+    monkeypatch.setattr(compress, "_remove_originals", delayed(compress._remove_originals, 0.5))
     (tmp_path / "table").mkdir()
     tasks = _compressed_tasks(tmp_path, 4)
     run = local.iter_batches(tasks, Settings(workers=1, batch_size=2), NOW, str(tmp_path / "table"))
