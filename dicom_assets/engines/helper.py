@@ -118,6 +118,12 @@ def serve(conn: Any) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 message = None
+            except Exception:  # noqa: BLE001 - a task that cannot be loaded here (e.g. a function of __main__)
+                # Its task id went down with it, so no reply can name it: the
+                # helper stops, and the caller reports it lost instead of
+                # waiting for that reply for ever.
+                traceback.print_exc()
+                message = None
             inbox.put(message)
             if message is None:
                 return

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import operator
 import os
 import signal
 import subprocess
@@ -102,6 +104,28 @@ def test_a_helper_that_dies_is_reported_not_waited_for() -> None:
         os.kill(pool.pids[0], signal.SIGKILL)
         with pytest.raises(HelperLost, match=f"status {-signal.SIGKILL}"):
             _results(pool, 1)
+
+
+class _FailsToLoad:
+    """Pickles in the caller; loading it in a helper raises (as a function of ``__main__`` would there)."""
+
+    def __reduce__(self) -> tuple[object, tuple[int, int]]:
+        return (operator.truediv, (1, 0))
+
+
+def test_a_task_the_helper_cannot_load_is_reported_not_waited_for() -> None:
+    pool = HelperPool(1, init_worker)
+    pid = pool.pids[0]
+    try:
+        pool.submit(repr, _FailsToLoad())
+        deadline = time.monotonic() + 60  # if the reply never comes, fail rather than hang
+        with pytest.raises(HelperLost):
+            while time.monotonic() < deadline and not list(pool.collect(block=False)):
+                time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        pool.close(wait=False)
 
 
 def test_close_without_waiting_leaves_no_process_behind() -> None:

@@ -1,9 +1,9 @@
 """Runs at once on a real instance: one run per partition at a time, tables never corrupted (SPEC §4, §6).
 
 ``dagster dev`` (web server + daemon, the project's ``dagster.yaml`` and
-``workspace.yaml``) serves a temporary lake. Seven runs are submitted at once
-through GraphQL: four of today (what the ingest sensor and the daily schedule
-request, evaluated from their definitions, plus two manual launches), two of
+``workspace.yaml``) serves a temporary lake. Six runs are submitted at once
+through GraphQL: three of today (what the ingest sensor and the daily schedule
+request, evaluated from their definitions, plus a manual launch), two of
 yesterday and one of the day before (backfills). The run queue must keep one
 run per partition at a time (run start/end times from the instance never
 overlap for one partition) while different partitions run side by side, and
@@ -12,7 +12,7 @@ asset check passed, every Delta table readable.
 
 The daemon's own sensors are kept quiet (settle time of ten years in its
 environment; runs override it to 0 in their run config) so the runs are
-exactly the seven submitted.
+exactly the six submitted.
 """
 
 from __future__ import annotations
@@ -128,7 +128,6 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
             (schedule_request.partition_key, {"dagster/schedule_name": "daily_all_assets_schedule"}),
             (today, {"dicom_assets/trigger": "manual"}),
             (yesterday, {"dicom_assets/trigger": "manual"}),
-            (today, {"dicom_assets/trigger": "manual"}),
             (yesterday, {"dicom_assets/trigger": "manual"}),
             (daybefore, {"dicom_assets/trigger": "manual"}),
         ]
@@ -147,7 +146,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
         spans.sort()
         for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert s2 >= e1, f"two runs of {day} overlapped: {spans}"
-    assert Counter({d: len(s) for d, s in by_day.items()}) == Counter({today: 4, yesterday: 2, daybefore: 1})
+    assert Counter({d: len(s) for d, s in by_day.items()}) == Counter({today: 3, yesterday: 2, daybefore: 1})
     spans = sorted((s, e, d) for d, ss in by_day.items() for s, e in ss)
     overlapping_days = any(s2 < e1 and d1 != d2 for (s1, e1, d1) in spans for (s2, e2, d2) in spans if s1 < s2)
     print(f"runs of different partitions overlapped in time: {overlapping_days}")
