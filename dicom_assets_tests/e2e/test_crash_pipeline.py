@@ -136,8 +136,8 @@ CI_POINTS = [
     "delta:before_commit:bronze.dicom_failures:1",
     "delta:before_commit:silver.ImagingMetastore:1",
     "ndjson:tmp_written:1",                    # NDJSON temp file fsynced, not renamed
-    "delta:after_commit:bronze.ImagingStudy:1",
-    "delta:before_commit:silver.ImagingStudy:1",
+    # bronze/silver ImagingStudy commits take the replace_where and merge paths the
+    # failures and silver instance points above already kill; CRASH_POINTS=all runs them.
     "delta:after_commit:gold._idmap_image_occurrence:1",  # some id maps extended, not all
     "delta:before_commit:gold.procedure_occurrence:1",    # image_occurrence merged, procedure not
 ]
