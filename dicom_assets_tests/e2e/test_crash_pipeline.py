@@ -1,9 +1,10 @@
 """kill -9 anywhere in a whole-pipeline run, then a clean re-run: the lake equals an uninterrupted run's (SPEC §6).
 
 Every case runs ``runner.materialize_partition`` (all assets and checks of
-today's partition, as ``dicom-assets run`` does) in a subprocess with
+today's partition, as ``dicom-assets run`` does) in a child process with
 ``DICOM_ASSETS_KILL_AT=<point>:<n>``, which SIGKILLs it the n-th time it
-passes ``<point>``. The test checks it really died there (return code -9),
+passes ``<point>``. The children are forked from one process that has
+imported everything (``ZYGOTE``), which halves the module's time. The test checks it really died there (return code -9),
 re-runs without the kill, and compares the lake with an uninterrupted run's
 (:mod:`dicom_assets_tests.e2e.lakestate`: files by content hash, every table
 row, id maps, NDJSON, error records, journal), and that no temporary file,
@@ -30,9 +31,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -53,19 +57,17 @@ pytestmark = pytest.mark.xdist_group("crash_pipeline")
 PROJECT = Path(__file__).resolve().parents[2]
 DAY = today_key()
 
-#: The child process: optional tracing of crash points, the test-only hooks, one run.
-RUNNER = r"""
+#: Test-only hooks, installed before any other module binds ``crash_point``:
+#: counting of every crash point passed (dumped when asked for) and ``test:*`` points.
+HOOKS = r"""
 import json, os, sys
-root, day, trace = sys.argv[1], sys.argv[2], sys.argv[3]
 from dicom_assets.lake import fileops
 hits = {}
-if trace:
-    # Patched before any other module binds crash_point, so every pass is counted.
-    _real = fileops.crash_point
-    def _traced(name):
-        hits[name] = hits.get(name, 0) + 1
-        _real(name)
-    fileops.crash_point = _traced
+_real = fileops.crash_point
+def _traced(name):
+    hits[name] = hits.get(name, 0) + 1
+    _real(name)
+fileops.crash_point = _traced
 from dicom_assets.dicom import compress, zipsafe
 from dicom_assets.lake import parts
 
@@ -99,15 +101,63 @@ parts.write_part_file = _write_part
 
 from dicom_assets.config import Settings
 from dicom_assets.runner import materialize_partition
-s = materialize_partition(
-    Settings(lake=root, settle_seconds=0, workers=1, batch_size=8), partition=day, progress=False
-)
-if trace:
-    with open(trace, "w") as fh:
-        json.dump(hits, fh)
-print(json.dumps({"success": s["success"], "tables": s["tables"]}))
-sys.exit(0 if s["success"] else 1)
+
+def run_once(root, day, trace):
+    s = materialize_partition(
+        Settings(lake=root, settle_seconds=0, workers=1, batch_size=8), partition=day, progress=False
+    )
+    if trace:
+        with open(trace, "w") as fh:
+            json.dump(hits, fh)
+    print(json.dumps({"success": s["success"], "tables": s["tables"]}))
+    return 0 if s["success"] else 1
 """
+
+#: One run in this process: ``python -c RUNNER <lake> <day> <trace file or "">``.
+RUNNER = HOOKS + r"""
+sys.exit(run_once(sys.argv[1], sys.argv[2], sys.argv[3]))
+"""
+
+#: A process that imports everything once, then forks one child per run read
+#: from stdin (a JSON line: lake, day, trace, kill, log) and answers with the
+#: child's pid, then its return code (-9 when killed). Each child is a whole
+#: process of its own, killed for real; the fork only spares it the ~3 s of
+#: importing Dagster and the definitions. Nothing has started delta-rs or a
+#: Dagster instance before the fork, and the pipeline's helpers are spawned.
+ZYGOTE = HOOKS + r"""
+import traceback
+from dicom_assets.definitions import defs
+from dicom_assets.defs.resources import default_resources
+default_resources()
+# What a first run would import lazily (the instance's SQL storage, pandas, FHIR models).
+import dagster as dg, pandas, pyarrow.dataset, rich.traceback
+from dicom_assets.fhir import mapping, validate
+dg.DagsterInstance.ephemeral().dispose()
+sys.stdout.flush()
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            if job["kill"]:
+                os.environ[fileops.KILL_ENV] = job["kill"]
+            code = run_once(job["lake"], job["day"], job["trace"])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    print(json.dumps({"rc": rc}), flush=True)
+"""
+
 
 #: Crash points that do not depend on the data: the ones each table's commit passes.
 DELTA_POINTS = [f"delta:{w}_commit:{layer}.{folder}" for layer, folder in TABLES.values() for w in ("before", "after")]
@@ -136,8 +186,8 @@ CI_POINTS = [
     "delta:before_commit:bronze.dicom_failures:1",
     "delta:before_commit:silver.ImagingMetastore:1",
     "ndjson:tmp_written:1",                    # NDJSON temp file fsynced, not renamed
-    # bronze/silver ImagingStudy commits take the replace_where and merge paths the
-    # failures and silver instance points above already kill; CRASH_POINTS=all runs them.
+    "delta:after_commit:bronze.ImagingStudy:1",
+    "delta:before_commit:silver.ImagingStudy:1",
     "delta:after_commit:gold._idmap_image_occurrence:1",  # some id maps extended, not all
     "delta:before_commit:gold.procedure_occurrence:1",    # image_occurrence merged, procedure not
 ]
@@ -208,19 +258,66 @@ def make_lake(parent: Path, seed: Path) -> Path:
     return root
 
 
-def run_pipeline(root: Path, kill: str | None = None, trace: Path | None = None) -> int:
+def child_env() -> dict[str, str]:
+    """The environment of a pipeline child: no kill point, instance or settings of ours."""
     env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, "DAGSTER_HOME") and not k.startswith("DICOM_ASSETS_")}
-    if kill:
-        env[KILL_ENV] = kill
     env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
     env["DAGSTER_TELEMETRY_DISABLED"] = "1"
-    r = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(root), DAY, str(trace or "")],
-        env=env, cwd=PROJECT, capture_output=True, timeout=300,
-    )
-    if r.returncode not in (0, -9):
-        raise AssertionError(f"run failed ({r.returncode}):\n{r.stdout.decode()[-2000:]}\n{r.stderr.decode()[-4000:]}")
-    return r.returncode
+    return env
+
+
+class Zygote:
+    """Runs the pipeline in children forked from one pre-imported process (see ``ZYGOTE``)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.count = logs, 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], env=child_env(), cwd=PROJECT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(logs / "zygote.log", "wb"), text=True,
+        )
+
+    def _answer(self, deadline: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise AssertionError(f"no answer from the pipeline process:\n{(self.logs / 'zygote.log').read_text()[-4000:]}")
+        return json.loads(line)
+
+    def run(self, root: Path, kill: str | None = None, trace: Path | None = None) -> int:
+        """One whole-pipeline run of today's partition in a child; its return code (-9: killed)."""
+        assert self.proc.stdin is not None
+        self.count += 1
+        log = self.logs / f"run-{self.count}.log"
+        job = {"lake": str(root), "day": DAY, "trace": str(trace or ""), "kill": kill or "", "log": str(log)}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + 300
+        pid = self._answer(deadline)["pid"]
+        try:
+            rc = self._answer(deadline)["rc"]
+        except AssertionError:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        if rc not in (0, -9):
+            raise AssertionError(f"run failed ({rc}):\n{log.read_text()[-6000:]}")
+        return rc
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """Whole-pipeline runs in child processes of one pre-imported process."""
+    zygote = Zygote(tmp_path_factory.mktemp("crash_logs"))
+    yield zygote
+    zygote.close()
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +326,12 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(seed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, int]]:
+def baseline(seed: Path, pipeline: Zygote, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, int]]:
     """The uninterrupted run's snapshot, and how often it passed each crash point."""
     parent = tmp_path_factory.mktemp("crash_base")
     root = make_lake(parent, seed)
     trace = parent / "trace.json"
-    assert run_pipeline(root, trace=trace) == 0
+    assert pipeline.run(root, trace=trace) == 0
     hits = json.loads(trace.read_text())
     state = lakestate.snapshot(root)
     # The fixture exercises what it should: files landed and compressed, ZIPs
@@ -271,8 +368,8 @@ def resolve(name: str, which: str, hits: dict[str, int]) -> int | None:
     return None if picks[which] in earlier else picks[which]  # None: same pass as an earlier case
 
 
-def check_rerun_converges(root: Path, baseline_state: dict[str, Any]) -> None:
-    assert run_pipeline(root) == 0
+def check_rerun_converges(pipeline: Zygote, root: Path, baseline_state: dict[str, Any]) -> None:
+    assert pipeline.run(root) == 0
     state = lakestate.snapshot(root)
     assert lakestate.leftovers(LakePaths.of(root)) == []
     diff = lakestate.differences(baseline_state, state)
@@ -280,7 +377,7 @@ def check_rerun_converges(root: Path, baseline_state: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("point", [f"{n}:{w}" for n, w in selected_points()])
-def test_kill_then_rerun_equals_uninterrupted_run(point: str, seed: Path, baseline, tmp_path: Path) -> None:
+def test_kill_then_rerun_equals_uninterrupted_run(point: str, seed: Path, baseline, pipeline: Zygote, tmp_path: Path) -> None:
     state, hits = baseline
     name, which = point.rsplit(":", 1)
     n = resolve(name, which, hits)
@@ -289,13 +386,13 @@ def test_kill_then_rerun_equals_uninterrupted_run(point: str, seed: Path, baseli
             pytest.fail(f"the baseline passes {name} only {hits.get(name, 0)} times; update CI_POINTS")
         pytest.skip(f"{name} passed {hits.get(name, 0)} times in the baseline")
     root = make_lake(tmp_path, seed)
-    assert run_pipeline(root, f"{name}:{n}") == -9, f"never reached {name}:{n}"
-    check_rerun_converges(root, state)
+    assert pipeline.run(root, f"{name}:{n}") == -9, f"never reached {name}:{n}"
+    check_rerun_converges(pipeline, root, state)
 
 
 @pytest.mark.parametrize("first,second", [("organise:step:3", "delta:before_commit:bronze.dicomimagingmetastore:1")])
-def test_killed_again_while_recovering(first: str, second: str, seed: Path, baseline, tmp_path: Path) -> None:
+def test_killed_again_while_recovering(first: str, second: str, seed: Path, baseline, pipeline: Zygote, tmp_path: Path) -> None:
     root = make_lake(tmp_path, seed)
-    assert run_pipeline(root, first) == -9
-    assert run_pipeline(root, second) == -9
-    check_rerun_converges(root, baseline[0])
+    assert pipeline.run(root, first) == -9
+    assert pipeline.run(root, second) == -9
+    check_rerun_converges(pipeline, root, baseline[0])
