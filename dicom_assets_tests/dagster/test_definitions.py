@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC
 
 import dagster as dg
@@ -54,3 +56,11 @@ def test_dagster_yaml_limits_one_run_per_partition(instance: dg.DagsterInstance)
         lim["key"] == "dagster/partition" and lim["limit"] == 1 and lim["value"] == {"applyLimitPerUniqueValue": True}
         for lim in limits
     )
+
+
+def test_loading_the_definitions_imports_no_spark() -> None:
+    """Every Dagster process loads the definitions; only engine=spark may pay for pyspark (~0.5 s)."""
+    code = "import sys, dicom_assets.definitions; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyspark', 'py4j', 'dagster_pyspark')))"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # engine=spark's session: test_spark_pipeline
+
