@@ -9,11 +9,11 @@ name is deterministic (``<file>.zip.part``) so a re-run after a crash
 overwrites a stale one instead of leaving litter.
 
 :class:`CompressionBatch` keeps that order for a whole batch of files but
-pays the waits together: the batch's ZIPs are fsynced at the end by
-several threads at once (:func:`~dicom_assets.lake.fileops.fsync_files`;
-concurrent fsyncs share the filesystem's journal commits: 0.26 ms per file
-here against 0.61 ms one after the other), then each folder once, then the originals are unlinked and
-the folders synced again. Until the batch's :meth:`CompressionBatch.finish`,
+pays the waits together: at the end one ``syncfs`` per filesystem makes
+every ZIP and its rename durable (:class:`~dicom_assets.lake.fssync.BatchSync`;
+where ``syncfs`` cannot report errors, each ZIP is fsynced, several at a time,
+then each folder once), then the originals are unlinked and the folders
+synced again. Until the batch's :meth:`CompressionBatch.finish`,
 a compressed file and its original both exist; a re-run after a crash reads
 the original again and rewrites the ZIP, so nothing is lost either way.
 
@@ -43,7 +43,8 @@ try:  # ISA-L deflate: see _write_one_member_zip; without it, zipfile and zlib d
 except ImportError:  # pragma: no cover - isal is a dependency; kept optional for odd platforms
     _isal = None  # type: ignore[assignment]
 
-from dicom_assets.lake.fileops import fsync_files, shared_thread_pool
+from dicom_assets.lake.fileops import shared_thread_pool
+from dicom_assets.lake.fssync import BatchSync
 
 __all__ = [
     "write_zip_durably",
@@ -219,9 +220,9 @@ class CompressionBatch:
 
     :meth:`add` hands each file's bytes to a few writer threads (zlib
     releases the GIL, so the next file is parsed meanwhile) which write each
-    ZIP and rename it into place. :meth:`finish` waits for them, fsyncs every
-    ZIP (several at a time) and then the touched folders, so
-    every ZIP and rename is durable; only then does it unlink the originals
+    ZIP and rename it into place. :meth:`finish` waits for them and syncs
+    (:class:`~dicom_assets.lake.fssync.BatchSync`), so every ZIP and rename
+    is durable; only then does it unlink the originals
     of the ZIPs written, and fsyncs the folders again (with ``defer_removal``,
     in the background: see :func:`settle_removals`). Memory-mapped (big)
     files are written at once, in the caller's thread.
@@ -241,6 +242,7 @@ class CompressionBatch:
         self._inflight = 0
         self._written: list[tuple[int, str, str]] = []
         self._failed: dict[int, BaseException] = {}
+        self._sync = BatchSync()
 
     def add(
         self, key: int, path: str, zip_path: str, data: bytes | mmap.mmap, *, mtime: float | None = None
@@ -251,6 +253,7 @@ class CompressionBatch:
         to a writer thread is reported by :meth:`finish` under ``key``.
         """
         member = Path(path).name
+        self._sync.watch(os.path.dirname(os.path.abspath(zip_path)))
         if self._pool is None or not isinstance(data, bytes):
             write_zip_durably(data, member, zip_path, mtime=mtime, sync_folder=False, sync_file=False)
             self._written.append((key, path, zip_path))
@@ -283,7 +286,10 @@ class CompressionBatch:
         while self._pending:
             self._settle(self._pending.pop(0))
         written: list[tuple[int, str, str]] = []
-        for (key, path, zip_path), exc in zip(self._written, fsync_files([z for _k, _p, z in self._written]), strict=True):
+        synced = self._sync.sync([z for _k, _p, z in self._written])
+        whole_filesystems = self._sync.whole_filesystems
+        self._sync.close()  # watched again by the next add()
+        for (key, path, zip_path), exc in zip(self._written, synced, strict=True):
             if exc is None:
                 written.append((key, path, zip_path))
                 continue
@@ -293,8 +299,9 @@ class CompressionBatch:
             except OSError:
                 pass
         folders = sorted({os.path.dirname(os.path.abspath(p)) for _k, path, z in written for p in (path, z)})
-        for folder in folders:
-            _fsync_dir(folder)
+        if not whole_filesystems:  # a syncfs made the renames durable already
+            for folder in folders:
+                _fsync_dir(folder)
         originals = [path for _key, path, _zip in written]
         if self._defer_removal and originals:
             # One thread: unlinks in one folder take its lock in turn anyway.
@@ -313,3 +320,4 @@ class CompressionBatch:
         """
         while self._pending:
             self._settle(self._pending.pop(0))
+        self._sync.close()

@@ -27,6 +27,7 @@ from dicom_assets.config import Settings
 from dicom_assets.lake import fileops
 from dicom_assets.lake.discover import IngestItem, LandedFile, append_landed, load_landed
 from dicom_assets.lake.failures import FailedFile, error_json_for, error_record, write_error_json
+from dicom_assets.lake.fssync import BatchSync
 from dicom_assets.lake.paths import LakePaths
 
 log = logging.getLogger("dicom_assets.lake.organise")
@@ -261,17 +262,22 @@ def _not_yet_journalled(paths: LakePaths, landed: list[LandedFile]) -> list[Land
     return out
 
 
-def _sync_staged(run: OrganiseRun, steps: list[dict[str, Any]], zips: list[dict[str, Any]], stagings: list[str]) -> bool:
+def _sync_staged(
+    run: OrganiseRun, steps: list[dict[str, Any]], zips: list[dict[str, Any]], stagings: list[str], sync: BatchSync
+) -> bool:
     """Make the plan's staged ZIP members durable, then their folders, before the intent names them.
 
-    False when a sync failed (an I/O error): nothing of the plan has moved and
-    no intent is written; its staging folders go and its Ingest files (loose
-    files and ZIPs) stay for the next run, counted as deferred.
+    ``sync`` watched the staging folders before the members were written (one
+    ``syncfs`` then covers members and folders alike; else each member and
+    each folder is fsynced). False when a sync failed (an I/O error): nothing
+    of the plan has moved and no intent is written; its staging folders go
+    and its Ingest files (loose files and ZIPs) stay for the next run,
+    counted as deferred.
     """
     roots = tuple(os.path.join(folder, "") for folder in stagings)
     staged = [step["src"] for step in steps if step["src"].startswith(roots)]
-    errors = [e for e in fileops.fsync_files(staged) if e is not None]
-    if not errors:
+    errors = [e for e in sync.sync(staged) if e is not None]
+    if not errors and not sync.whole_filesystems:
         try:
             for folder in stagings:
                 fileops.fsync_dir(Path(folder))
@@ -291,17 +297,19 @@ def _sync_staged(run: OrganiseRun, steps: list[dict[str, Any]], zips: list[dict[
     return True
 
 
-def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], **extra: Any) -> None:
+def run_plan(run: OrganiseRun, steps: list[dict[str, Any]], *, sync: BatchSync | None = None, **extra: Any) -> None:
     """Write the plan durably, then execute it (``zips``/``stagings`` in ``extra``: see :class:`PlanBatch`).
 
-    Staged ZIP members are synced first (:func:`_sync_staged`): a plan's
-    sources are durable before its intent exists.
+    Staged ZIP members are synced first (:func:`_sync_staged`, through
+    ``sync`` if the batch watched its staging folders): a plan's sources are
+    durable before its intent exists.
     """
-    if not steps and not extra.get("zips"):
-        return
-    stagings = extra.get("stagings") or []
-    if stagings and not _sync_staged(run, steps, extra.get("zips") or [], stagings):
-        return
+    with sync or BatchSync() as batch_sync:
+        if not steps and not extra.get("zips"):
+            return
+        stagings = extra.get("stagings") or []
+        if stagings and not _sync_staged(run, steps, extra.get("zips") or [], stagings, batch_sync):
+            return
     plan = {"steps": steps, **extra}
     plan_file = _plan_path(run)
     fileops.atomic_write_json(plan_file, plan, indent=None)
@@ -322,6 +330,7 @@ class PlanBatch:
     steps: list[dict[str, Any]] = field(default_factory=list)
     zips: list[dict[str, Any]] = field(default_factory=list)
     stagings: list[str] = field(default_factory=list)
+    sync: BatchSync = field(default_factory=BatchSync)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -329,6 +338,10 @@ class PlanBatch:
     def add(self, step: dict[str, Any]) -> None:
         """A file found in Ingest (or a ZIP refused whole)."""
         self.steps.append(step)
+
+    def watch_staging(self, folder: str) -> None:
+        """Call before ZIP members are written into or below ``folder``: the plan syncs them."""
+        self.sync.watch(folder)
 
     def add_zip(self, steps: list[dict[str, Any]], *, src: str, stat: list[int], staging: str) -> None:
         """A ZIP's staged members; the archive is deleted once they all landed and it is unchanged."""
@@ -346,12 +359,12 @@ class PlanBatch:
 
     def flush(self, run: OrganiseRun, runner: PlanRunner | None = None) -> None:
         """Run the gathered plan (through ``runner`` if given), then start empty."""
-        steps, zips, stagings = self.steps, self.zips, self.stagings
-        self.steps, self.zips, self.stagings = [], [], []
+        steps, zips, stagings, sync = self.steps, self.zips, self.stagings, self.sync
+        self.steps, self.zips, self.stagings, self.sync = [], [], [], BatchSync()
         if runner is None:
-            run_plan(run, steps, zips=zips, stagings=stagings)
+            run_plan(run, steps, sync=sync, zips=zips, stagings=stagings)
         else:
-            runner.submit(run, steps, zips=zips, stagings=stagings)
+            runner.submit(run, steps, sync=sync, zips=zips, stagings=stagings)
 
 
 class PlanRunner:

@@ -152,6 +152,7 @@ def _organise_zip(run: OrganiseRun, item: IngestItem, batch: PlanBatch) -> None:
     original = fileops.display_path(item.path)
     staging = run.state / "staging" / uuid.uuid4().hex
     fileops.ensure_dir(staging)
+    batch.watch_staging(str(staging.parent))
     limits = zipsafe.ZipLimits.from_settings(run.settings)
     corrupt: list[tuple[tuple[str, ...], str]] = []
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import dicom_assets.dicom.compress as compress_mod
 import dicom_assets.dicom.extract as extract_mod
 from dicom_assets.dicom.extract import extract_batch, extract_batch_arrow
 from dicom_assets.dicom.records import ExtractTask
+from dicom_assets.lake import fssync
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -199,30 +201,48 @@ def test_arrow_tables_have_exactly_the_schemas(tmp_path: Path) -> None:
     assert empty_fails.schema == FAILURES_SCHEMA
 
 
-def _record_file_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the fsync/replace/unlink calls made from now on, in order."""
+def _record_file_ops(monkeypatch: pytest.MonkeyPatch, mode: str = "fsync") -> list[str]:
+    """The names of the fsync/syncfs/replace/unlink calls made from now on, in order.
+
+    ``mode``: ``"syncfs"`` (a batch's ZIPs made durable by one syncfs of
+    their filesystem; skipped where there is none) or ``"fsync"`` (the
+    fallback: each ZIP, then each folder).
+    """
     calls: list[str] = []
     for name in ("fsync", "replace", "unlink"):
         real = getattr(os, name)
         monkeypatch.setattr(os, name, lambda *a, _n=name, _f=real: (calls.append(_n), _f(*a))[1])
+    if mode == "fsync":
+        monkeypatch.setattr(fssync, "_syncfs", None)
+    else:
+        if not fssync.syncfs_available():
+            pytest.skip("no syncfs with error reporting here (Linux >= 5.8)")
+        real_syncfs = fssync._syncfs
+        monkeypatch.setattr(fssync, "_syncfs", lambda fd: (calls.append("syncfs"), real_syncfs(fd))[1])
     return calls
 
 
-def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ZIP's data and its folder are fsynced after the rename and before the original is unlinked."""
-    calls = _record_file_ops(monkeypatch)
+@pytest.mark.parametrize("mode", ["syncfs", "fsync"])
+def test_zip_write_is_durable_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The ZIP's data and its folder entry are synced after the rename and before the original is unlinked."""
+    calls = _record_file_ops(monkeypatch, mode)
     f = tmp_path / "i.dcm"
     f.write_bytes(dicom_bytes())
     extract_batch([task(f, compress=True)], now=NOW)
     assert calls.index("replace") < calls.index("unlink")
-    assert calls[calls.index("replace") : calls.index("unlink")].count("fsync") == 2, "file, then folder"
+    between = calls[calls.index("replace") + 1 : calls.index("unlink")]
+    if mode == "syncfs":
+        assert between == ["syncfs"], "the filesystem: file data and folder entries at once"
+    else:
+        assert between.count("fsync") == 2, "file, then folder"
 
 
+@pytest.mark.parametrize("mode", ["syncfs", "fsync"])
 def test_a_batch_syncs_its_zips_together_and_each_folder_once_per_phase(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """Every ZIP renamed and fsynced, and its folder synced, before any original is unlinked."""
-    calls = _record_file_ops(monkeypatch)
+    """Every ZIP renamed and synced, and its folder synced, before any original is unlinked."""
+    calls = _record_file_ops(monkeypatch, mode)
     files = []
     for i in range(5):
         f = tmp_path / f"b{i}.dcm"
@@ -233,7 +253,11 @@ def test_a_batch_syncs_its_zips_together_and_each_folder_once_per_phase(
     last_replace = max(i for i, c in enumerate(calls) if c == "replace")
     first_unlink = calls.index("unlink")
     assert last_replace < first_unlink
-    assert calls[last_replace:first_unlink].count("fsync") == 5 + 1  # each ZIP's data, then the folder
+    if mode == "syncfs":
+        assert calls[last_replace + 1 : first_unlink] == ["syncfs"]  # one for the whole batch
+        assert calls.count("syncfs") == 1
+    else:
+        assert calls[last_replace:first_unlink].count("fsync") == 5 + 1  # each ZIP's data, then the folder
     assert calls[first_unlink:].count("fsync") == 1  # the folder after the unlinks
     assert all(not f.exists() and Path(str(f) + ".zip").exists() for f in files)
 
@@ -252,11 +276,33 @@ def test_a_zip_that_cannot_be_synced_keeps_its_original(tmp_path: Path, monkeypa
     def flaky(path: str) -> BaseException | None:
         return OSError(5, "Input/output error") if str(path).endswith("s1.dcm.zip") else real(path)
 
+    monkeypatch.setattr(fssync, "_syncfs", None)
     monkeypatch.setattr(fileops, "fsync_file", flaky)
     rows, failures = extract_batch([task(f, compress=True) for f in files], now=NOW)
     assert len(rows) == 2 and [f["stage"] for f in failures] == ["compress"]
     assert files[1].exists() and not Path(str(files[1]) + ".zip").exists()
     assert not files[0].exists() and Path(str(files[0]) + ".zip").exists()
+
+
+def test_a_failed_syncfs_keeps_every_original_of_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs cannot say which file it could not write: every ZIP of the batch goes, every original stays."""
+    if not fssync.syncfs_available():
+        pytest.skip("no syncfs with error reporting here (Linux >= 5.8)")
+    files = []
+    for i in range(3):
+        f = tmp_path / f"e{i}.dcm"
+        f.write_bytes(dicom_bytes())
+        files.append(f)
+
+    def failing(fd: int) -> int:
+        ctypes.set_errno(5)
+        return -1
+
+    monkeypatch.setattr(fssync, "_syncfs", failing)
+    rows, failures = extract_batch([task(f, compress=True) for f in files], now=NOW)
+    assert rows == [] and [f["stage"] for f in failures] == ["compress"] * 3
+    assert all("Input/output error" in f["message"] for f in failures), failures
+    assert all(f.exists() and not Path(str(f) + ".zip").exists() for f in files)
 
 
 def test_big_files_are_memory_mapped_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -335,16 +336,21 @@ def test_an_io_error_keeps_the_plan_and_the_next_run_finishes_it(
     assert len(journal) == 2
 
 
+@pytest.mark.parametrize("mode", ["syncfs", "fsync"])
 def test_staged_members_that_cannot_be_synced_leave_their_batch_in_ingest(
-    paths: LakePaths, monkeypatch: pytest.MonkeyPatch
+    paths: LakePaths, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """The plan syncs its staged ZIP members before its intent; an I/O error there moves nothing."""
-    from dicom_assets.lake import fileops
+    """The plan syncs its staged ZIP members before its intent; an I/O error there moves nothing.
+
+    ``syncfs``: one sync of the filesystem for the batch; ``fsync``: the
+    fallback where there is none, each member on its own.
+    """
+    from dicom_assets.lake import fileops, fssync
 
     ct, mr = dcm("CT_small.dcm"), dcm("MR_small.dcm")
     zp = drop(paths, "ns/z.zip", make_zip([("a.dcm", ct)]))
     loose = drop(paths, "ns/loose.dcm", mr)
-    real = fileops.fsync_file
+    real, real_syncfs = fileops.fsync_file, fssync._syncfs
     staging = str(paths.state_dir / "organise" / "staging")
     synced: list[str] = []
 
@@ -352,14 +358,26 @@ def test_staged_members_that_cannot_be_synced_leave_their_batch_in_ingest(
         synced.append(str(path))
         return OSError(5, "Input/output error") if str(path).startswith(staging) else real(path)
 
-    monkeypatch.setattr(fileops, "fsync_file", failing)
+    def failing_syncfs(fd: int) -> int:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        ctypes.set_errno(5)
+        return -1
+
+    if mode == "fsync":
+        monkeypatch.setattr(fssync, "_syncfs", None)
+        monkeypatch.setattr(fileops, "fsync_file", failing)
+    elif not fssync.syncfs_available():
+        pytest.skip("no syncfs with error reporting here (Linux >= 5.8)")
+    else:
+        monkeypatch.setattr(fssync, "_syncfs", failing_syncfs)
     first = organise(paths, settings(paths, batch_size=64), DAY, now=time.time())
-    assert any(p.startswith(staging) for p in synced)
+    assert any(p.startswith(staging) for p in synced), synced
     assert (first.landed, first.failed, first.deferred) == ([], [], 2)
     assert zp.exists() and loose.exists() and not paths.process_dir("ns", DAY).exists()
     assert not (paths.state_dir / "organise" / "intents").exists()  # no intent was ever written
     assert not any((paths.state_dir / "organise" / "staging").iterdir())
     monkeypatch.setattr(fileops, "fsync_file", real)
+    monkeypatch.setattr(fssync, "_syncfs", real_syncfs)
     second = organise(paths, settings(paths, batch_size=64), DAY, now=time.time())
     assert (len(second.landed), second.deferred) == (2, 0) and not zp.exists() and not loose.exists()
     assert sorted(sha(v) for v in files_under(paths.process_dir("ns", DAY)).values()) == sorted([sha(ct), sha(mr)])
