@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from dicom_assets.lake import snapshots
+from dicom_assets.lake import rowgroups, snapshots
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
 from dicom_assets.lake.parts import STATS_COLUMNS
 from dicom_assets.lake.schemas import conform
@@ -267,7 +267,7 @@ def iter_read(
     def load(f: str) -> pa.Table | None:
         if not sets or os.path.basename(f) in whole:
             return conform(pq.read_table(f, columns=target.names), target)
-        return _matching_rows(f, sets, full, target)
+        return rowgroups.matching_rows(f, sets, full, target)
 
     sizes = dict(zip((os.path.basename(unquote(p)) for p in adds.column("path").to_pylist()), adds.column("size_bytes").to_pylist(), strict=True))
     if len(files) > 1 and all(sizes.get(os.path.basename(f), READ_AHEAD_MAX_BYTES + 1) <= READ_AHEAD_MAX_BYTES for f in files):
@@ -295,33 +295,6 @@ def iter_read(
 #: Data files up to this size are read :data:`READ_AHEAD` at a time by :func:`iter_read`.
 READ_AHEAD_MAX_BYTES = 4 << 20
 READ_AHEAD = 4
-
-
-def _matching_rows(f: str, sets: Mapping[str, pa.Array], full: pa.Schema, target: pa.Schema) -> pa.Table | None:
-    """The rows of data file ``f`` whose ``sets`` columns hold wanted values (``None``: none do).
-
-    Only the key columns are read first; the others only of the row groups that hold a match.
-    """
-    pf = pq.ParquetFile(f)
-    keys = conform(pf.read(columns=list(sets)), pa.schema([full.field(c) for c in sets]))
-    mask = None
-    for c, values in sets.items():
-        m = pc.is_in(keys.column(c), value_set=values)
-        mask = m if mask is None else pc.and_(mask, m)
-    assert mask is not None
-    hits = pc.fill_null(mask, False).combine_chunks()
-    if not pc.any(hits).as_py():
-        return None
-    groups, offset, masks = [], 0, []
-    for i in range(pf.num_row_groups):
-        n = pf.metadata.row_group(i).num_rows
-        piece = hits.slice(offset, n)
-        if pc.any(piece).as_py():
-            groups.append(i)
-            masks.append(piece)
-        offset += n
-    data = conform(pf.read_row_groups(groups, columns=target.names), target)
-    return data.filter(pa.concat_arrays(masks))
 
 
 #: delta-rs cuts string statistics to this many characters; a value this long
@@ -382,6 +355,39 @@ def count(uri: str | Path) -> int:
     if n.null_count == 0:
         return int(pc.sum(n).as_py())
     return int(dt.to_pyarrow_dataset().count_rows())
+
+
+def column_max(uri: str | Path, column: str) -> int | None:
+    """Largest value of integer ``column`` (``None``: no rows, or no table), from the log's statistics.
+
+    Only files whose ``add`` action has no maximum for the column (written
+    without statistics) are opened, and then only that column: the next OMOP
+    id costs the same on an id map of any size.
+    """
+    try:
+        dt = snapshots.latest(uri)
+    except TableNotFoundError:
+        return None
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if adds.num_rows == 0:
+        return None
+    rows = adds.column("num_records") if "num_records" in adds.column_names else pa.nulls(adds.num_rows, pa.int64())
+    highs = adds.column(f"max.{column}") if f"max.{column}" in adds.column_names else pa.nulls(adds.num_rows, pa.int64())
+    best: int | None = None
+    blind: list[str] = []
+    for path, n, hi in zip(adds.column("path").to_pylist(), rows.to_pylist(), highs.to_pylist(), strict=True):
+        if hi is not None:
+            best = int(hi) if best is None else max(best, int(hi))
+        elif n != 0:  # an empty file has no statistics and no rows
+            blind.append(path)
+    if blind:
+        by_name = {os.path.basename(unquote(f)): f for f in dt.file_uris()}
+        for path in blind:
+            values = pq.read_table(by_name[os.path.basename(unquote(path))], columns=[column]).column(0)
+            hi = pc.max(values).as_py()
+            if hi is not None:
+                best = int(hi) if best is None else max(best, int(hi))
+    return best
 
 
 def sql_literal(value: Scalar) -> str:

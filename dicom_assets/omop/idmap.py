@@ -73,16 +73,21 @@ def _require(**values: str) -> None:
             raise ValueError(f"id-map key needs a non-empty {name}")
 
 
-def assign_ids(existing: Mapping[str, int], keys: Iterable[str]) -> dict[str, int]:
-    """Ids for the keys not yet in ``existing``: ``max(existing ids) + 1, + 2, …`` in sorted key order.
+def assign_ids(existing: Mapping[str, int], keys: Iterable[str], *, max_id: int | None = None) -> dict[str, int]:
+    """Ids for the keys not yet in ``existing``: ``max_id + 1, + 2, …`` in sorted key order.
 
-    Returns only the new assignments (empty when every key is known), so calling it twice with the
-    same keys and the updated map gives nothing new, and existing ids are never touched.
+    ``existing`` may be the whole map or only the part of it that holds ``keys``
+    (what a lookup by key finds); ``max_id`` is then the largest id of the
+    whole map, by default the largest of ``existing``. Returns only the new
+    assignments (empty when every key is known), so calling it twice with the
+    same keys and the updated map gives nothing new, and existing ids are
+    never touched.
     """
     new_keys = sorted({k for k in keys if k not in existing})
     if any(not k for k in new_keys):
         raise ValueError("id-map keys must be non-empty")
-    start = max(existing.values(), default=0) + 1
+    top = max(existing.values(), default=0)
+    start = max(top, max_id or 0) + 1
     return {key: start + i for i, key in enumerate(new_keys)}
 
 

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dicom_assets.config import Settings
 from dicom_assets.fhir.identity import imaging_study_id
@@ -53,23 +52,38 @@ class GoldResult:
 
 
 def _read_map(paths: LakePaths, kind: str) -> dict[str, int]:
+    """The whole id map of ``kind`` (key → id); for the unscoped checks."""
     t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
     return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist(), strict=False))
+
+
+def _map_rows(paths: LakePaths, kind: str, column: str, values: Iterable[str | int]) -> pa.Table:
+    """The id-map rows (``key``, ``id``) of ``kind`` whose ``column`` is one of ``values``.
+
+    Files are skipped by their statistics: ids are handed out in increasing
+    order, so the ids of a few studies sit in a few files whatever the map's size.
+    """
+    wanted = sorted({v for v in values if v is not None})  # type: ignore[type-var]
+    return delta.read_in(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, column, wanted, columns=["key", "id"])
 
 
 def ensure_ids(paths: LakePaths, wanted: Mapping[str, Iterable[str]], now: datetime) -> tuple[idmap.IdLookup, dict[str, int]]:
     """Ids for every wanted key, assigning new ones for unseen keys; existing ids never change.
 
-    Runs under a lake lock so that two partitions materialising at once never
-    hand out the same id (see :mod:`dicom_assets.lake.locks`).
+    Only the wanted keys are looked up, and the next id comes from the map's
+    largest id in the Delta log's statistics, so a round costs the same on a
+    map of any size. Runs under a lake lock so that two partitions
+    materialising at once never hand out the same id (see
+    :mod:`dicom_assets.lake.locks`).
     """
     out: dict[str, dict[str, int]] = {}
     new_counts: dict[str, int] = {}
     with lake_lock(paths.state_dir, "idmaps"):
         for kind in IDMAPS:
             keys = set(wanted.get(kind, ()))
-            existing = _read_map(paths, kind)
-            new = idmap.assign_ids(existing, keys)
+            found = _map_rows(paths, kind, "key", keys)
+            existing = dict(zip(found.column("key").to_pylist(), found.column("id").to_pylist(), strict=True))
+            new = idmap.assign_ids(existing, keys, max_id=delta.column_max(paths.table_uri(f"_idmap_{kind}"), "id"))
             if new:
                 delta.append(
                     paths.table_uri(f"_idmap_{kind}"),
@@ -217,29 +231,56 @@ def _ids(t: pa.Table, col: str) -> list[Any]:
     return t.column(col).to_pylist()
 
 
-def _of_partition(t: pa.Table, paths: LakePaths, day: str | None) -> pa.Table:
-    """The rows of the studies ``day`` touched (all rows without ``day``).
+def _partition_rows(paths: LakePaths, table: str, schema: pa.Schema, day: str | None) -> pa.Table:
+    """The rows of ``table`` for the studies ``day`` touched (all rows without ``day``).
 
     A partition's checks look at what its run wrote: another day's run going
     on at the same time (image_occurrence merged, procedure_occurrence not
-    yet) must not fail them.
+    yet) must not fail them. Rows are found by ``msftSourceRecordId`` (the
+    ImagingStudy id), not by reading the table whole.
     """
     if day is None:
-        return t
-    ids = pa.array(sorted({imaging_study_id(ns, uid) for ns, uid in touched_studies(paths, day)}), pa.string())
-    return t.filter(pc.is_in(t.column("msftSourceRecordId"), value_set=ids))
+        return delta.read(paths.table_uri(table), schema)
+    ids = sorted({imaging_study_id(ns, uid) for ns, uid in touched_studies(paths, day)})
+    return delta.read_in(paths.table_uri(table), schema, "msftSourceRecordId", ids)
+
+
+def _duplicates(paths: LakePaths, table: str, schema: pa.Schema, column: str, rows: pa.Table, whole: bool) -> int:
+    """Rows beyond the first of each ``column`` value of ``rows``, counted over the whole table."""
+    ids = _ids(rows, column)
+    if whole:
+        return len(ids) - len(set(ids))
+    held = delta.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column])
+    return held.num_rows - len(set(ids))
+
+
+def _known_ids(paths: LakePaths, table: str, schema: pa.Schema, column: str, ids: Iterable[int], whole: bool) -> set[int]:
+    """Which of ``ids`` the table's ``column`` holds (the whole column when ``whole``)."""
+    if whole:
+        return set(_ids(delta.read(paths.table_uri(table), schema, columns=[column]), column))
+    return set(_ids(delta.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column]), column))
+
+
+def _known_persons(paths: LakePaths, ids: Iterable[int], whole: bool) -> set[int]:
+    if whole:
+        return set(_read_map(paths, "person").values())
+    return set(_ids(_map_rows(paths, "person", "id", ids), "id"))
 
 
 def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
-    """No duplicate ids, required columns non-null, person/procedure ids resolve."""
-    io = _of_partition(delta.read(paths.table_uri("image_occurrence"), IMAGE_OCCURRENCE_SCHEMA), paths, day)
-    po = delta.read(paths.table_uri("procedure_occurrence"), PROCEDURE_OCCURRENCE_SCHEMA, columns=["procedure_occurrence_id"])
-    persons = set(_read_map(paths, "person").values())
-    ids = _ids(io, "image_occurrence_id")
-    dup = len(ids) - len(set(ids))
+    """No duplicate ids, required columns non-null, person/procedure ids resolve.
+
+    With ``day``: the rows of the studies that partition touched, each of their
+    ids looked up in the whole table (a duplicate written by another day counts).
+    """
+    whole = day is None
+    io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, day)
+    dup = _duplicates(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, "image_occurrence_id", io, whole)
     nulls = {f.name: io.column(f.name).null_count for f in IMAGE_OCCURRENCE_SCHEMA if not f.nullable}
-    proc = set(_ids(po, "procedure_occurrence_id"))
-    bad_proc = sum(1 for x in _ids(io, "procedure_occurrence_id") if x not in proc)
+    proc_ids = _ids(io, "procedure_occurrence_id")
+    proc = _known_ids(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, "procedure_occurrence_id", proc_ids, whole)
+    persons = _known_persons(paths, _ids(io, "person_id"), whole)
+    bad_proc = sum(1 for x in proc_ids if x not in proc)
     bad_person = sum(1 for x in _ids(io, "person_id") if x not in persons)
     facts = {"rows": io.num_rows, "duplicate_ids": dup, "null_required": sum(nulls.values()),
              "unresolved_procedure_ids": bad_proc, "unresolved_person_ids": bad_person}
@@ -247,11 +288,12 @@ def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bo
 
 
 def check_procedure_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
-    po = _of_partition(delta.read(paths.table_uri("procedure_occurrence"), PROCEDURE_OCCURRENCE_SCHEMA), paths, day)
-    persons = set(_read_map(paths, "person").values())
-    ids = _ids(po, "procedure_occurrence_id")
-    dup = len(ids) - len(set(ids))
+    """No duplicate ids, required columns non-null, person ids resolve (scoped like :func:`check_image_occurrence`)."""
+    whole = day is None
+    po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, day)
+    dup = _duplicates(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, "procedure_occurrence_id", po, whole)
     nulls = sum(po.column(f.name).null_count for f in PROCEDURE_OCCURRENCE_SCHEMA if not f.nullable)
+    persons = _known_persons(paths, _ids(po, "person_id"), whole)
     bad_person = sum(1 for x in _ids(po, "person_id") if x not in persons)
     return dup == 0 and nulls == 0 and bad_person == 0, {
         "rows": po.num_rows, "duplicate_ids": dup, "null_required": nulls, "unresolved_person_ids": bad_person
@@ -261,19 +303,31 @@ def check_procedure_occurrence(paths: LakePaths, day: str | None = None) -> tupl
 def check_idmaps_stable(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
     """Each id-map key has exactly one id and each id one key.
 
-    The maps are checked whole whatever ``day``: they only grow, one locked
-    append at a time, so a concurrent run never shows a half state.
+    Without ``day`` the maps are checked whole. With ``day``, the ids that
+    partition's gold rows use are checked: every map row holding one of those
+    ids, then every map row holding one of their keys, anywhere in the map (a
+    second id for a key, or a second key for an id, is found whichever run
+    wrote it). The maps only grow, one locked append at a time, so a
+    concurrent run never shows a half state.
     """
+    used: dict[str, set[int]] = {kind: set() for kind in IDMAPS}
+    if day is not None:
+        io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, day)
+        po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, day)
+        used["image_occurrence"].update(_ids(io, "image_occurrence_id"))
+        used["procedure_occurrence"].update(_ids(io, "procedure_occurrence_id") + _ids(po, "procedure_occurrence_id"))
+        used["person"].update(_ids(io, "person_id") + _ids(po, "person_id"))
     facts: dict[str, Any] = {}
     ok = True
     for kind in IDMAPS:
-        t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
-        dk = sum(c - 1 for c in Counter(_ids(t, "key")).values() if c > 1)
-        di = sum(c - 1 for c in Counter(_ids(t, "id")).values() if c > 1)
-        facts[f"{kind}_keys"] = t.num_rows
+        if day is None:
+            by_id = by_key = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
+        else:
+            by_id = _map_rows(paths, kind, "id", used[kind])
+            by_key = _map_rows(paths, kind, "key", _ids(by_id, "key"))
+        dk = sum(c - 1 for c in Counter(_ids(by_key, "key")).values() if c > 1)
+        di = sum(c - 1 for c in Counter(_ids(by_id, "id")).values() if c > 1)
+        facts[f"{kind}_keys"] = by_key.num_rows
         facts[f"{kind}_conflicts"] = dk + di
         ok = ok and dk == 0 and di == 0
     return ok, facts
-
-
-

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import zipfile
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pydicom
 import pytest
 
@@ -20,8 +23,10 @@ from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
 from dicom_assets.lake import delta
 from dicom_assets.lake.paths import LakePaths
+from dicom_assets.lake.schemas import IDMAP_SCHEMA, IMAGE_OCCURRENCE_SCHEMA
 from dicom_assets.runner import materialize_partition
 from dicom_assets.sample import generate_sample
+from dicom_assets.steps import gold
 from dicom_assets_tests.core.test_omop_concepts import (
     DICOM_CT,
     SNOMED_CHEST,
@@ -113,6 +118,33 @@ def test_vocabulary_fixture_gives_concept_ids(gold_lake: dict) -> None:
     assert chest and all(r["anatomic_site_concept_id"] == SNOMED_CHEST for r in chest)
 
 
+def test_partition_checks_find_duplicates_another_day_wrote(gold_lake: dict, tmp_path: Path) -> None:
+    """The day-scoped gold checks read only the day's studies, yet a duplicate id or a second
+    id for a key, written by a study no day of this partition touched, still fails them."""
+    shutil.copytree(gold_lake["lake"].root, tmp_path / "lake")
+    lake, day = LakePaths.of(tmp_path / "lake"), gold_lake["day"]
+    checks = (gold.check_image_occurrence, gold.check_procedure_occurrence, gold.check_idmaps_stable)
+    assert all(check(lake, day)[0] for check in checks)
+    io = delta.read(lake.table_uri("image_occurrence"), IMAGE_OCCURRENCE_SCHEMA)
+    mine = io.filter(pc.is_in(io.column("image_study_uid"), value_set=pa.array(sorted(gold_lake["expected"]["patient_of_study"]))))
+    row = mine.slice(0, 1)
+    other = row.set_column(row.schema.get_field_index("msftSourceRecordId"), "msftSourceRecordId", pa.array(["0" * 64]))
+    delta.append(lake.table_uri("image_occurrence"), other, IMAGE_OCCURRENCE_SCHEMA)
+    ok, facts = gold.check_image_occurrence(lake, day)
+    assert not ok and facts["duplicate_ids"] == 1
+    person_id = row.column("person_id")[0].as_py()
+    persons = delta.read(lake.table_uri("_idmap_person"), IDMAP_SCHEMA)
+    key = persons.filter(pc.equal(persons.column("id"), person_id)).column("key")[0].as_py()
+    top = pc.max(persons.column("id")).as_py()
+    second = pa.table({"key": [key], "id": [top + 1000], "createdDatetime": [datetime.now(UTC)]}, schema=IDMAP_SCHEMA)
+    delta.append(lake.table_uri("_idmap_person"), second, IDMAP_SCHEMA)
+    ok, facts = gold.check_idmaps_stable(lake, day)
+    assert not ok and facts["person_conflicts"] == 1
+    # The next id handed out comes after the largest in the map, whichever rows a lookup read.
+    ids, new = gold.ensure_ids(lake, {"person": ["sample/person/a-new-key"]}, datetime.now(UTC))
+    assert new["person"] == 1 and ids.person_id("sample/person/a-new-key") == top + 1001
+
+
 def test_ids_survive_rematerialising_and_more_data(gold_lake: dict) -> None:
     lake, settings, day = gold_lake["lake"], gold_lake["settings"], gold_lake["day"]
     key = lambda r: (r["image_study_uid"], r["image_series_uid"])  # noqa: E731
@@ -129,6 +161,8 @@ def test_ids_survive_rematerialising_and_more_data(gold_lake: dict) -> None:
     after = {key(r): (r["image_occurrence_id"], r["person_id"], r["procedure_occurrence_id"]) for r in _table(lake, "image_occurrence")}
     assert {k: after[k] for k in before} == before
     assert len(after) > len(before)
+    # New ids follow the largest one already held (SPEC §3.5: existing ids never move).
+    assert min(after[k][0] for k in after if k not in before) > max(v[0] for v in before.values())
     ids = [v[0] for v in after.values()]
     assert len(ids) == len(set(ids))
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, rowgroups
 
 SCHEMA = pa.schema([("study", pa.string()), ("day", pa.string()), ("payload", pa.string()), ("n", pa.int64())])
 
@@ -150,13 +150,13 @@ def test_files_whose_statistics_show_every_row_matching_are_read_whole(tmp_path:
     for t in (one_day, mixed, long_values):
         write_deltalake(str(uri), t, mode="append")
     keyed: list[str] = []
-    real = delta._matching_rows
+    real = rowgroups.matching_rows
 
     def spy(f: str, *a: object) -> object:
         keyed.append(f)
         return real(f, *a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(delta, "_matching_rows", spy)
+    monkeypatch.setattr(rowgroups, "matching_rows", spy)
     got = delta.read(uri, SCHEMA, where={"day": "d1"})
     assert sorted(got.column("n").to_pylist()) == [0, 1, 2, 3]
     assert len(keyed) == 1  # only the mixed file needed its keys read (the others are pruned or whole)
