@@ -69,7 +69,7 @@ def materialize_partition(
 
     day = partition or today_key()
     resources = default_resources()
-    fields = {}
+    fields: dict[str, Any] = {}
     for name in DicomAssetsSettings.model_fields:
         value = getattr(settings, name)
         fields[name] = ",".join(value) if isinstance(value, tuple) else value
@@ -78,7 +78,7 @@ def materialize_partition(
     checks = list(defs.asset_checks or [])  # type: ignore[arg-type]
     handler = _Progress(total=len(assets) + len(checks)) if progress else None
 
-    @dg.logger(description="progress lines for dicom-assets run")
+    @dg.logger(description="progress lines for dicom-assets run")  # type: ignore[call-overload]  # dagster types only the positional form
     def progress_logger(_init: Any) -> logging.Logger:
         log = logging.getLogger("dicom_assets.progress")
         log.setLevel(logging.DEBUG)

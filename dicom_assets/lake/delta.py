@@ -121,9 +121,13 @@ def append(
     data = conform(data, schema)
     if sort_by:
         data = data.sort_by([(c, "ascending") for c in sort_by])
-    props = WriterProperties(max_row_group_size=row_group_rows) if row_group_rows else None
-    if data.num_rows:
+    if not data.num_rows:
+        return
+    if row_group_rows:
+        props = WriterProperties(max_row_group_size=row_group_rows)
         _commit(uri, lambda: write_deltalake(str(uri), data, mode="append", writer_properties=props))
+    else:
+        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append"))
 
 
 def merge(

@@ -112,7 +112,7 @@ def ndjson_files_for_day(paths: LakePaths, day: str) -> list[tuple[str, Path]]:
     root = paths.ndjson_root()
     if not root.exists():
         return []
-    out = []
+    out: list[tuple[str, Path]] = []
     for ns_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         folder = paths.ndjson_dir(ns_dir.name, day)
         if folder.exists():
