@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -30,6 +30,9 @@ from dicom_assets.lake import rowgroups, snapshots
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
 from dicom_assets.lake.parts import STATS_COLUMNS
 from dicom_assets.lake.schemas import conform
+
+if TYPE_CHECKING:
+    from dicom_assets.lake.rewrite import Rule
 
 T = TypeVar("T")
 #: Values a ``where`` filter compares with: strings (UIDs, days) and integers (OMOP ids).
@@ -174,13 +177,18 @@ def upsert(
     update_columns: dict[str, str] | None = None,
     sort_by: Sequence[str] = (),
     row_group_rows: int | None = None,
+    update_rule: Rule | None = None,
+    keep_columns: Sequence[str] = (),
 ) -> dict[str, int]:
     """:func:`merge` that appends the rows whose key the table does not hold yet.
 
     The keys of ``source`` are looked up first (key columns only, files and
     row groups pruned on ``keys[0]``): new keys are appended, which costs the
-    same on a table of any size, and only rows with a known key go through a
-    Delta merge (a scan of the files that may hold them). ``lock`` (a lake
+    same on a table of any size. Rows with a known key go through a Delta
+    merge (a scan of every file that may hold them), or, given an
+    ``update_rule`` (a :class:`dicom_assets.lake.rewrite.Rule`), replace the
+    rows they win over by it (``keep_columns`` kept) in a rewrite of only the
+    files that hold such a row (:func:`dicom_assets.lake.rewrite.update_matched`). ``lock`` (a lake
     lock) is held from the lookup to the last commit: Delta appends never
     conflict, so without it two runs could both append the same new key.
     Returns ``num_target_rows_inserted`` and ``num_target_rows_updated``.
@@ -201,7 +209,14 @@ def upsert(
         if fresh.num_rows:
             append(uri, fresh, schema, sort_by=sort_by, row_group_rows=row_group_rows)
             out["num_target_rows_inserted"] += fresh.num_rows
-        if seen.num_rows:
+        if seen.num_rows and update_rule is not None:
+            # Imported here: rewrite builds on this module.
+            from dicom_assets.lake import rewrite
+
+            out["num_target_rows_updated"] += rewrite.update_matched(
+                uri, schema, seen, keys, rule=update_rule, keep=keep_columns, sort_by=sort_by, row_group_rows=row_group_rows
+            )
+        elif seen.num_rows:
             metrics = merge(uri, seen, schema, keys=keys, update_predicate=update_predicate, update_columns=update_columns)
             out["num_target_rows_inserted"] += int(metrics.get("num_target_rows_inserted", 0))
             out["num_target_rows_updated"] += int(metrics.get("num_target_rows_updated", 0))

@@ -106,7 +106,7 @@ def commit_replace(
         # whole log (~1.8 MB for a 100,000-instance day); a lost race re-plans
         # on the newer version all the same.
         dt = snapshots.latest(uri_s)
-        _check_table(dt, schema)
+        check_table(dt, schema)
         removes, rewritten = _plan_removal(dt, folder, schema, column, day)
         actions: list[AddAction | RemoveAction] = [*adds, *rewritten, *removes]
         if not actions:
@@ -129,7 +129,8 @@ def commit_replace(
     crash_point(f"delta:after_commit:{label}")
 
 
-def _check_table(dt: DeltaTable, schema: pa.Schema) -> None:
+def check_table(dt: DeltaTable, schema: pa.Schema) -> None:
+    """Raise unless ``dt`` is a table whose files can be added and removed by hand with ``schema``."""
     meta = dt.metadata()
     if meta.partition_columns:
         raise NotImplementedError(f"partitioned tables are not supported ({meta.partition_columns})")

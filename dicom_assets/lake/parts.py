@@ -36,7 +36,7 @@ STATS_COLUMNS: dict[str, str] = {
 }
 
 
-def write_part_file(table_dir: str | Path, table: pa.Table) -> dict[str, Any]:
+def write_part_file(table_dir: str | Path, table: pa.Table, *, row_group_rows: int | None = None) -> dict[str, Any]:
     """Write ``table`` as one Parquet file into the table folder; return its part record.
 
     The record holds what a Delta ``add`` action needs: ``path`` (relative to
@@ -45,14 +45,15 @@ def write_part_file(table_dir: str | Path, table: pa.Table) -> dict[str, Any]:
     retries), fsynced before the record is returned, and described by Delta
     statistics (``numRecords``, ``minValues``/``maxValues``/``nullCount`` of the
     top-level primitive columns) so readers can skip it. It is invisible to
-    readers until a commit adds it.
+    readers until a commit adds it. ``row_group_rows`` cuts it into row groups
+    of that many rows (one row group by default).
     """
     folder = Path(table_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"part-{uuid.uuid4()}.parquet"
     path = folder / name
     with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression="snappy", write_statistics=True)
+        pq.write_table(table, fh, compression="snappy", write_statistics=True, row_group_size=row_group_rows)
         fh.flush()
         os.fsync(fh.fileno())
     st = path.stat()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, rewrite
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA, SILVER_IMAGINGSTUDY_SCHEMA
@@ -137,6 +137,17 @@ def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> i
     return table.num_rows
 
 
+def _newer_and_changed(s: Mapping[str, Any], t: Mapping[str, Any]) -> bool:
+    # As SQL's ``s.lastUpdated > t.lastUpdated AND s.fhirContent <> t.fhirContent``: NULL never compares.
+    if None in (s["lastUpdated"], t["lastUpdated"], s["fhirContent"], t["fhirContent"]):
+        return False
+    return bool(s["lastUpdated"] > t["lastUpdated"] and s["fhirContent"] != t["fhirContent"])
+
+
+#: A silver ImagingStudy row is replaced only by a newer ``meta.lastUpdated`` with other content.
+NEWER_AND_CHANGED = rewrite.Rule(("lastUpdated", "fhirContent"), _newer_and_changed)
+
+
 @dataclass(frozen=True)
 class SilverStudyResult:
     studies: int
@@ -166,15 +177,14 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
         pieces.append(pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA))
     del bronze
     table = pa.concat_tables(pieces)
-    update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_IMAGINGSTUDY_SCHEMA if f.name != "msftCreatedDatetime"}
     metrics = delta.upsert(
         paths.table_uri("silver_ImagingStudy"),
         table,
         SILVER_IMAGINGSTUDY_SCHEMA,
         keys=["id"],
         lock=lambda: lake_lock(paths.state_dir, "silver_imagingstudy"),
-        update_predicate="s.lastUpdated > t.lastUpdated AND s.fhirContent <> t.fhirContent",
-        update_columns=update_cols,
+        update_rule=NEWER_AND_CHANGED,
+        keep_columns=["msftCreatedDatetime"],
     )
     return SilverStudyResult(
         studies=table.num_rows,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dicom_assets.fhir.identity import imaging_study_id
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, rewrite
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import METASTORE_SCHEMA, SILVER_METASTORE_SCHEMA
@@ -24,11 +24,9 @@ INSTANCE_KEY = ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msft
 #: smaller original path, so the outcome, lineage included, does not depend on
 #: the order in which files or days arrive. The same file dropped again at the
 #: same place changes nothing.
-NEWER = (
-    "(s.sourceModifiedAt > t.sourceModifiedAt) OR "
-    "(s.sourceModifiedAt = t.sourceModifiedAt AND s.contentSha256 > t.contentSha256) OR "
-    "(s.sourceModifiedAt = t.sourceModifiedAt AND s.contentSha256 = t.contentSha256 AND s.originalPath < t.originalPath)"
-)
+NEWER_ORDER = (("sourceModifiedAt", "descending"), ("contentSha256", "descending"), ("originalPath", "ascending"))
+#: :data:`NEWER_ORDER` as a ``MERGE`` predicate over source ``s`` and target ``t``.
+NEWER = rewrite.sql_wins(NEWER_ORDER)
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ def touched_studies(paths: LakePaths, day: str) -> list[tuple[str, str]]:
 
 
 def pick_latest(rows: pa.Table) -> pa.Table:
-    """One row per instance key, chosen as :data:`NEWER` chooses: later ``sourceModifiedAt``,
+    """One row per instance key, chosen as :data:`NEWER_ORDER` chooses: later ``sourceModifiedAt``,
     then larger ``contentSha256``, then smaller ``originalPath``."""
     if rows.num_rows == 0:
         return rows
@@ -129,15 +127,15 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
     The day is handled in chunks of whole data files (memory stays bounded on
     a 100,000-file day). Per chunk, :func:`pick_latest` keeps one row per key;
     rows whose key silver does not hold yet are appended (no scan of the
-    table), the others are merged with :data:`NEWER`, keeping
-    ``msftCreatedDatetime``. Since :data:`NEWER` is a total order, chunk after
+    table), the others replace the silver rows they win over by
+    :data:`NEWER_ORDER`, keeping ``msftCreatedDatetime``, in a rewrite of only
+    the data files holding such a row (:mod:`dicom_assets.lake.rewrite`). Since :data:`NEWER_ORDER` is a total order, chunk after
     chunk ends where one merge of the whole day would. Each chunk's lookup and
     commits hold the ``silver_instances`` lake lock (:func:`delta.upsert`), so
     no other run appends the same new key in between.
     """
     now = now or datetime.now(UTC)
     uri = paths.table_uri("ImagingMetastore")
-    update_cols = {f.name: f"s.`{f.name}`" for f in SILVER_METASTORE_SCHEMA if f.name != "msftCreatedDatetime"}
     bronze_rows = inserted = updated = 0
     studies: set[tuple[str, str]] = set()
     keys: set[tuple[Any, ...]] = set()
@@ -148,7 +146,7 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
         keys.update(zip(*(silver.column(c).to_pylist() for c in INSTANCE_KEY), strict=True))
         metrics = delta.upsert(
             uri, silver, SILVER_METASTORE_SCHEMA, keys=INSTANCE_KEY, lock=lambda: lake_lock(paths.state_dir, "silver_instances"),
-            update_predicate=NEWER, update_columns=update_cols, sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS,
+            update_rule=rewrite.by_order(NEWER_ORDER), keep_columns=["msftCreatedDatetime"], sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS,
         )
         inserted += metrics["num_target_rows_inserted"]
         updated += metrics["num_target_rows_updated"]
