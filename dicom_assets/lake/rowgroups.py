@@ -9,16 +9,17 @@ and the other columns only of the row groups that really match.
 
 Delta data files never change once written, so their footers (about 50 kB
 each on the wide silver metastore, most of what a lookup that finds nothing
-reads) are kept per process (:func:`footer`): the steps of one run look up
-the same files again and again.
+reads) are kept per process (:func:`footer`, up to :data:`FOOTER_BYTES`): the
+steps of one run look up the same files again and again.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -27,20 +28,40 @@ import pyarrow.parquet as pq
 
 from dicom_assets.lake.schemas import conform
 
-#: Footers kept per process (files of a lookup's tables; ~50-200 kB of memory each).
-FOOTERS = 128
+#: Serialized bytes of the footers kept per process. A parsed footer takes
+#: about ten times its serialized size in memory (35 silver footers of 1.4 MB:
+#: 13 MB), so this bounds the cache near 20 MB, room for every footer of a
+#: 100,000-instance silver metastore (1.2 MB).
+FOOTER_BYTES = 2 << 20
+
+_footers: OrderedDict[tuple[str, int, int], pq.FileMetaData] = OrderedDict()
+_footer_bytes = 0
+_footer_lock = threading.Lock()
 
 
 def footer(path: str) -> pq.FileMetaData:
-    """The Parquet footer of data file ``path``, read once per process while the file is unchanged."""
+    """The Parquet footer of data file ``path``, read once per process while the file is unchanged.
+
+    Least recently used footers are dropped past :data:`FOOTER_BYTES`.
+    """
+    global _footer_bytes
     st = os.stat(path)
-    return _footer(path, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=FOOTERS)
-def _footer(path: str, size: int, mtime_ns: int) -> pq.FileMetaData:
-    # size and mtime make a rewritten file (never done by Delta, but by hand) a new entry.
-    return pq.read_metadata(path)
+    # Size and mtime make a file rewritten in place (never done by Delta, but by hand) a new entry.
+    key = (path, st.st_size, st.st_mtime_ns)
+    with _footer_lock:
+        md = _footers.get(key)
+        if md is not None:
+            _footers.move_to_end(key)
+            return md
+    md = pq.read_metadata(path)
+    with _footer_lock:
+        if key not in _footers:
+            _footers[key] = md
+            _footer_bytes += md.serialized_size
+            while _footer_bytes > FOOTER_BYTES and len(_footers) > 1:
+                _old, dropped = _footers.popitem(last=False)
+                _footer_bytes -= dropped.serialized_size
+    return md
 
 
 def _may_hold(lo: Any, hi: Any, values: Sequence[Any]) -> bool:

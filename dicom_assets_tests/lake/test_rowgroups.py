@@ -62,16 +62,26 @@ def test_cut_statistics_never_hide_a_row(tmp_path: Path, truncate: int | None) -
         assert sorted(got.column("n").to_pylist()) == sorted(expected.column("n").to_pylist())
 
 
-def test_a_lookup_reads_the_footer_of_a_file_once(tmp_path: Path) -> None:
-    path = str(tmp_path / "f.parquet")
-    pq.write_table(_sorted_table(_uids(300, 6)), path, row_group_size=100)
-    before = rowgroups._footer.cache_info()
-    a = rowgroups.footer(path)
-    b = rowgroups.footer(path)
-    after = rowgroups._footer.cache_info()
-    assert a is b and after.misses == before.misses + 1 and after.hits == before.hits + 1
-    pq.write_table(_sorted_table(_uids(50, 7)), path)  # rewritten by hand: a new footer
-    assert rowgroups.footer(path).num_rows == 50
+def test_a_lookup_reads_the_footer_of_a_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [str(tmp_path / f"f{i}.parquet") for i in range(3)]
+    for i, path in enumerate(paths):
+        pq.write_table(_sorted_table(_uids(300, 6 + i)), path, row_group_size=100)
+    reads: list[str] = []
+    real = pq.read_metadata
+    monkeypatch.setattr(rowgroups.pq, "read_metadata", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    a = rowgroups.footer(paths[0])
+    assert rowgroups.footer(paths[0]) is a and reads == [paths[0]]
+    pq.write_table(_sorted_table(_uids(50, 9)), paths[0])  # rewritten by hand: a new footer
+    assert rowgroups.footer(paths[0]).num_rows == 50
+    # Past the byte budget the least recently used footers go, never the newest.
+    monkeypatch.setattr(rowgroups, "FOOTER_BYTES", a.serialized_size + 1)
+    reads.clear()
+    for path in paths[1:]:
+        rowgroups.footer(path)
+    rowgroups.footer(paths[2])
+    rowgroups.footer(paths[1])
+    assert reads == [paths[1], paths[2], paths[1]]
+    assert rowgroups._footer_bytes <= rowgroups.FOOTER_BYTES or len(rowgroups._footers) == 1
 
 
 def test_may_hold_with_cut_bounds() -> None:
