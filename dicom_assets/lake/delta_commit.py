@@ -17,6 +17,11 @@ which is Delta's ``replaceWhere <column> = <day>`` done by hand with delta-rs:
   default first-32-columns limit, so otherwise it comes from the Parquet
   footer (row-group statistics), and only if those are missing from reading
   that one column.
+* A commit adding :data:`CHECKPOINT_AFTER_ADDS` files or more (a big day of
+  extraction parts) is followed by a Delta checkpoint. Opening the table
+  otherwise replays every JSON commit since the last checkpoint, which delta-rs
+  writes only every 100 commits: 3.6 MB read at 100,000 instances in one day,
+  1.4 MB from the checkpoint.
 * Readers see the old day or the new day, never both. A concurrent commit that
   removed a file we remove makes delta-rs raise ``CommitFailedError``; the
   retry re-plans against the new snapshot (the part files are already
@@ -29,6 +34,7 @@ Only local-filesystem tables are supported (the lake is a folder, SPEC §2).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +50,11 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from dicom_assets.lake import delta, parts, snapshots
 from dicom_assets.lake.fileops import crash_point
+
+log = logging.getLogger(__name__)
+
+#: A commit adding at least this many files is followed by a checkpoint.
+CHECKPOINT_AFTER_ADDS = 1000
 
 _ALL = "all"
 _NONE = "none"
@@ -127,6 +138,21 @@ def commit_replace(
     crash_point(f"delta:before_commit:{label}")
     delta.with_commit_retry(attempt, retries=retries)
     crash_point(f"delta:after_commit:{label}")
+    if len(adds) >= CHECKPOINT_AFTER_ADDS:
+        checkpoint(uri_s)
+
+
+def checkpoint(uri: str | Path) -> None:
+    """Write a Delta checkpoint of the table's latest version; a failure is logged, not raised.
+
+    The checkpoint only makes later opens cheaper: the commits it sums up stay
+    in the log, and delta-rs writes it (as it writes commits) under a temporary
+    name and renames it, so a killed process leaves no torn checkpoint.
+    """
+    try:
+        snapshots.latest(str(uri)).create_checkpoint()
+    except Exception as exc:  # noqa: BLE001 - the commit is done; readers replay the JSON log instead
+        log.warning("Delta checkpoint of %s failed: %s", delta.table_label(uri), exc)
 
 
 def check_table(dt: DeltaTable, schema: pa.Schema) -> None:

@@ -136,6 +136,23 @@ def test_replace_is_one_commit_and_keeps_other_days(tmp_path: Path) -> None:
     assert content(uri) == sorted(keys(DAY1, 4, "new") + keys(DAY1, 1, "new2") + keys(DAY2, 2, "keep"))
 
 
+def test_a_commit_of_many_files_is_followed_by_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dc, "CHECKPOINT_AFTER_ADDS", 3)
+    uri = tmp_path / "t"
+    dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY1, 2, f"a{i}")) for i in range(2)], DAY1)
+    assert not list((uri / "_delta_log").glob("*.checkpoint.parquet"))
+    dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY2, 2, f"b{i}")) for i in range(3)], DAY2)
+    version = DeltaTable(str(uri)).version()
+    assert [p.name for p in (uri / "_delta_log").glob("*.checkpoint.parquet")] == [f"{version:020d}.checkpoint.parquet"]
+    expected = sorted(k for i in range(2) for k in keys(DAY1, 2, f"a{i}")) + sorted(k for i in range(3) for k in keys(DAY2, 2, f"b{i}"))
+    assert content(uri) == sorted(expected)
+    # A reader that starts from the checkpoint alone (older JSON commits gone) sees the same table.
+    for f in (uri / "_delta_log").glob("*.json"):
+        if int(f.stem) <= version:
+            f.unlink()
+    assert sorted(zip(*(DeltaTable(str(uri)).to_pyarrow_table().column(c).to_pylist() for c in ("ingestDate", "sopInstanceUid")), strict=True)) == sorted(expected)
+
+
 def test_zero_adds_delete_the_day_only(tmp_path: Path) -> None:
     uri = tmp_path / "t"
     dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY1, 2, "x"))], DAY1)
