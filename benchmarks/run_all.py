@@ -497,14 +497,16 @@ def render_markdown(r: dict[str, Any]) -> str:
         out += ["## 3-4. Lakes of N instances in one partition; then one new 100-instance study", ""]
         rows = []
         for n, x in lk["lakes"].items():
-            b, i, sd = x.get("base") or {}, x.get("incremental") or {}, x.get("same_day") or {}
+            b, i, sd, rd = x.get("base") or {}, x.get("incremental") or {}, x.get("same_day") or {}, x.get("redelivered") or {}
             ext: dict[str, Any] = next((s for s in b.get("steps", []) if s["step"] == "bronze__dicomimagingmetastore"), {})
             rows.append([f"{int(n):,}", _get(x, "generate", "files_on_disk"), b.get("seconds"), b.get("instances_per_s"),
                          b.get("peak_rss_tree_mb"), b.get("peak_rss_largest_process_mb"), ext.get("peak_rss_mb"),
-                         " / ".join(map(str, x.get("incremental_runs_s") or [i.get("seconds")])), _get(i, "io", "rchar_mb"), sd.get("seconds"),
+                         " / ".join(map(str, x.get("incremental_runs_s") or [i.get("seconds")])), _get(i, "io", "rchar_mb"),
+                         f"{rd.get('seconds')} / {_get(rd, 'io', 'rchar_mb')}" if rd else None, sd.get("seconds"),
                          f"{b.get('other_load_cpus')} / {i.get('other_load_cpus')}", x.get("error")])
         out += _table(["N", "files", "build s", "inst/s", "peak RSS tree MiB", "largest proc MiB", "extraction peak MiB",
-                       "new study s (runs)", "new study read MB", "same-day re-run s", "other load CPUs (build / new)", "error"], rows)
+                       "new study s (runs)", "new study read MB", "study sent again s / MB read", "same-day re-run s",
+                       "other load CPUs (build / new)", "error"], rows)
         names = list(lk["lakes"])
         per: dict[str, dict[str, Any]] = {}
         for n in names:
