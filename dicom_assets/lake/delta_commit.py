@@ -88,6 +88,11 @@ def add_action_from_record(rec: dict[str, Any]) -> AddAction:
     )
 
 
+def remove_action(path: str, size: int, now_ms: int) -> RemoveAction:
+    """The ``remove`` action of a live data file (``path`` as the log's ``add`` has it), a data change."""
+    return RemoveAction(path, True, now_ms, size, {})
+
+
 def commit_replace(
     uri: str | Path,
     schema: pa.Schema,
@@ -193,7 +198,7 @@ def _plan_removal(
         state = _day_state(path, json.dumps(stats) if stats else None, column, day)
         if state == _NONE:
             continue
-        removes.append(RemoveAction(row["path"], True, now_ms, int(row["size_bytes"]), {}))
+        removes.append(remove_action(row["path"], int(row["size_bytes"]), now_ms))
         if state == _MIXED:
             kept = pq.read_table(path)
             mask = pc.fill_null(pc.not_equal(kept.column(column), pa.scalar(day)), True)

@@ -116,6 +116,7 @@ def update_matched(
         raise ValueError("update_matched: source keys are not unique")
     src_rule = source.select(list(rule.columns)).to_pylist()
     first = sorted({k[0] for k in src_keys if k[0] is not None})
+    first_values = pa.array(first, schema.field(keys[0]).type)
     folder = delta_commit.table_dir(uri)
     label = delta.table_label(folder)
 
@@ -131,14 +132,14 @@ def update_matched(
         now_ms = int(time.time() * 1000)
         try:
             for f in dt.file_uris(file_pruning_predicate=prune):
-                if not _holds_winner(f, keys, rule, index, src_rule, first):
+                if not _holds_winner(f, schema, keys, rule, index, src_rule, first_values):
                     continue
                 new, n = _rewritten(conform(pq.read_table(f), schema), source, keys, rule, index, src_rule, keep)
                 if sort_by:
                     new = new.sort_by([(c, "ascending") for c in sort_by])
                 written.append(delta_commit.add_action_from_record(parts.write_part_file(folder, new, row_group_rows=row_group_rows)))
                 rel, size = by_name[Path(f).name]
-                removes.append(RemoveAction(rel, True, now_ms, size, {}))
+                removes.append(delta_commit.remove_action(rel, size, now_ms))
                 replaced += n
             if removes:
                 crash_point(f"delta:before_commit:{label}")
@@ -158,20 +159,19 @@ def update_matched(
 
 
 def _holds_winner(
-    path: str, keys: Sequence[str], rule: Rule, index: Mapping[tuple[Any, ...], int],
-    src_rule: Sequence[Mapping[str, Any]], first: Sequence[Any],
+    path: str, schema: pa.Schema, keys: Sequence[str], rule: Rule, index: Mapping[tuple[Any, ...], int],
+    src_rule: Sequence[Mapping[str, Any]], first: pa.Array,
 ) -> bool:
-    """Whether data file ``path`` has a row that a source row replaces (key and rule columns of candidate row groups only)."""
-    md = rowgroups.footer(path)
-    groups = rowgroups.candidate_row_groups(md, {keys[0]: first})
-    if not groups:
+    """Whether data file ``path`` has a row that a source row replaces.
+
+    The key lookup of :func:`rowgroups.matching_rows` reads the first key
+    column of the candidate row groups, and the other keys and the rule's
+    columns (a resource's JSON) only of the row groups holding a wanted value.
+    """
+    cols = list(dict.fromkeys([*keys, *rule.columns]))
+    probe = rowgroups.matching_rows(path, {keys[0]: first}, schema, pa.schema([schema.field(c) for c in cols]))
+    if probe is None:
         return False
-    pf = pq.ParquetFile(path, metadata=md)
-    # Keys first: the rule's columns (a resource's JSON) only of row groups holding a key.
-    hit_groups = [g for g in groups if any(k in index for k in _key_rows(pf.read_row_group(g, columns=list(keys)), keys))]
-    if not hit_groups:
-        return False
-    probe = pf.read_row_groups(hit_groups, columns=list(dict.fromkeys([*keys, *rule.columns])))
     for k, row in zip(_key_rows(probe, keys), probe.select(list(rule.columns)).to_pylist(), strict=True):
         i = index.get(k)
         if i is not None and rule.wins(src_rule[i], row):
