@@ -7,13 +7,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 
 from dicom_assets.config import Settings
 from dicom_assets.fhir.identity import imaging_study_id
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, rewrite
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import (
@@ -126,9 +127,15 @@ def _add_fallback_dates(paths: LakePaths, by_study: Mapping[tuple[str, str], Map
                 r.update(found.get((key[0], key[1], r["sopInstanceUid"]), {}))
 
 
-def _changed_predicate(schema: pa.Schema, skip: Sequence[str]) -> str:
-    cols = [f.name for f in schema if f.name not in skip]
-    return " OR ".join(f"(s.`{c}` IS DISTINCT FROM t.`{c}`)" for c in cols)
+def _any_distinct(columns: Sequence[str], s: Mapping[str, Any], t: Mapping[str, Any]) -> bool:
+    # SQL's ``s.c IS DISTINCT FROM t.c`` for any column: two NULLs are not distinct, as in Python.
+    return any(s[c] != t[c] for c in columns)
+
+
+def _changed_rule(schema: pa.Schema, skip: Sequence[str]) -> rewrite.Rule:
+    """A gold row is replaced only when a column other than ``skip`` changed (so ``msftModifiedDatetime`` moves only then)."""
+    columns = tuple(f.name for f in schema if f.name not in skip)
+    return rewrite.Rule(columns, partial(_any_distinct, columns))
 
 
 #: Studies mapped per round of :func:`build_gold`: its memory is bounded by this
@@ -206,7 +213,7 @@ def _build_round(
         IMAGE_OCCURRENCE_SCHEMA,
         keys=["image_occurrence_id"],
         lock=lambda: lake_lock(paths.state_dir, "image_occurrence"),
-        update_predicate=_changed_predicate(IMAGE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
+        update_rule=_changed_rule(IMAGE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
     )
     delta.upsert(
         paths.table_uri("procedure_occurrence"),
@@ -214,7 +221,7 @@ def _build_round(
         PROCEDURE_OCCURRENCE_SCHEMA,
         keys=["procedure_occurrence_id"],
         lock=lambda: lake_lock(paths.state_dir, "procedure_occurrence"),
-        update_predicate=_changed_predicate(PROCEDURE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
+        update_rule=_changed_rule(PROCEDURE_OCCURRENCE_SCHEMA, ["msftModifiedDatetime"]),
     )
     return GoldResult(
         studies=len(study_rows),

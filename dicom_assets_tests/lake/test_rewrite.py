@@ -159,3 +159,36 @@ def test_imagingstudy_rule_is_its_merge_predicate(tmp_path: Path, seed: int) -> 
     n = rewrite.update_matched(b, STUDY_SCHEMA, source, ["id"], rule=NEWER_AND_CHANGED, keep=["msftCreatedDatetime"])
     rows = lambda uri: sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(), key=lambda r: r["id"])  # noqa: E731
     assert rows(b) == rows(a) and n > 0
+
+
+GOLD_SCHEMA = pa.schema([("id", pa.int64()), ("person_id", pa.int64()), ("day", pa.date32()), ("uid", pa.string()),
+                         ("count", pa.int32()), ("msftModifiedDatetime", pa.timestamp("us", tz="UTC"))])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gold_changed_rule_is_its_merge_predicate(tmp_path: Path, seed: int) -> None:
+    """Gold replaces a row when any column but msftModifiedDatetime IS DISTINCT FROM the new one."""
+    from datetime import date
+
+    from dicom_assets.steps import gold
+
+    rnd = random.Random(seed)
+    make = lambda i, tag: {"id": i, "person_id": rnd.choice([None, 1, 2]), "day": rnd.choice([None, date(2026, 1, 1)]),  # noqa: E731
+                           "uid": rnd.choice([None, "1.2", "1.3"]), "count": rnd.choice([None, 0, 5]),
+                           "msftModifiedDatetime": T0 + timedelta(days=len(tag))}
+    old_rows = [make(i, "old") for i in range(40)]
+    old = pa.Table.from_pylist(old_rows, schema=GOLD_SCHEMA)
+    # Every other source row is the table's row again with a new time only: not a change.
+    source = pa.Table.from_pylist([
+        {**old_rows[i], "msftModifiedDatetime": T0 + timedelta(days=9)} if i % 4 == 0 else make(i, "newer")
+        for i in range(0, 40, 2)
+    ], schema=GOLD_SCHEMA)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for uri in (a, b):
+        delta.append(uri, old.slice(0, 20), GOLD_SCHEMA)
+        delta.append(uri, old.slice(20), GOLD_SCHEMA)
+    sql = " OR ".join(f"(s.`{c}` IS DISTINCT FROM t.`{c}`)" for c in GOLD_SCHEMA.names if c != "msftModifiedDatetime")
+    delta.merge(a, source, GOLD_SCHEMA, keys=["id"], update_predicate=sql)
+    n = rewrite.update_matched(b, GOLD_SCHEMA, source, ["id"], rule=gold._changed_rule(GOLD_SCHEMA, ["msftModifiedDatetime"]))
+    rows = lambda uri: sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(), key=lambda r: r["id"])  # noqa: E731
+    assert rows(b) == rows(a) and 0 < n < source.num_rows
