@@ -23,8 +23,9 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from dicom_assets.lake.fileops import fsync_files
+from dicom_assets.lake.fileops import fsync_dir, fsync_files
 
 __all__ = ["BatchSync", "syncfs_available"]
 
@@ -85,20 +86,19 @@ class BatchSync:
         """Note that files will be written into or below ``folder`` (call it before they are)."""
         if _syncfs is None or folder in self._watched:
             return
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        dev = os.fstat(fd).st_dev
+        # A descriptor per filesystem, not per folder: compression watches every study's folder.
+        if os.stat(folder).st_dev not in self._fds:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            self._fds[os.fstat(fd).st_dev] = fd
         self._watched.add(folder)
-        if dev in self._fds:
-            os.close(fd)
-        else:
-            self._fds[dev] = fd
 
     def sync(self, paths: Sequence[str]) -> list[BaseException | None]:
         """Make ``paths`` durable; one error (or None) per path, as :func:`fsync_files` gives.
 
         A failed ``syncfs`` cannot say which file it could not write, so every
         path on that filesystem gets its error. A path on a filesystem no
-        :meth:`watch` opened (a caller's slip) is fsynced on its own.
+        :meth:`watch` opened (a caller's slip) is fsynced on its own, and its
+        folder too, so :attr:`whole_filesystems` holds for every path.
         """
         if _syncfs is None:
             return fsync_files(paths)
@@ -114,11 +114,24 @@ class BatchSync:
             except OSError as exc:
                 out.append(exc)
                 continue
-            out.append(failed.get(dev) if dev in self._fds else fsync_files([path])[0])
+            out.append(failed.get(dev) if dev in self._fds else _fsync_alone(path))
         return out
 
     def close(self) -> None:
+        """Release the descriptors; the object can watch and sync again."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         self._watched.clear()
+
+
+def _fsync_alone(path: str) -> BaseException | None:
+    """fsync ``path`` and then its folder; the error, if any."""
+    err = fsync_files([path])[0]
+    if err is not None:
+        return err
+    try:
+        fsync_dir(Path(path).parent)
+    except OSError as exc:
+        return exc
+    return None
