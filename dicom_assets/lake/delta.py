@@ -280,13 +280,14 @@ def iter_read(
     if not files:
         return
     sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
+    ordered = rowgroups.sorted_values(sets)
     adds = pa.table(dt.get_add_actions(flatten=True))
     whole = _wholly_matching(adds, wanted, full) if wanted else set()
 
     def load(f: str) -> pa.Table | None:
         if not sets or os.path.basename(f) in whole:
             return conform(pq.read_table(f, columns=target.names), target)
-        return rowgroups.matching_rows(f, sets, full, target)
+        return rowgroups.matching_rows(f, sets, full, target, ordered)
 
     sizes = dict(zip((os.path.basename(unquote(p)) for p in adds.column("path").to_pylist()), adds.column("size_bytes").to_pylist(), strict=True))
     if len(files) > 1 and all(sizes.get(os.path.basename(f), READ_AHEAD_MAX_BYTES + 1) <= READ_AHEAD_MAX_BYTES for f in files):

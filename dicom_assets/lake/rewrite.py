@@ -19,15 +19,16 @@ delivered again unchanged) is not touched at all.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
@@ -116,7 +117,8 @@ def update_matched(
         raise ValueError("update_matched: source keys are not unique")
     src_rule = source.select(list(rule.columns)).to_pylist()
     first = sorted({k[0] for k in src_keys if k[0] is not None})
-    first_values = pa.array(first, schema.field(keys[0]).type)
+    lookup = {keys[0]: pa.array(first, schema.field(keys[0]).type)}
+    ordered = rowgroups.sorted_values(lookup)
     folder = delta_commit.table_dir(uri)
     label = delta.table_label(folder)
 
@@ -124,7 +126,10 @@ def update_matched(
         dt = snapshots.latest(str(uri))
         delta_commit.check_table(dt, schema)
         adds = pa.table(dt.get_add_actions(flatten=True))
-        by_name = {Path(p).name: (p, int(n)) for p, n in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(), strict=True)}
+        by_name = {
+            os.path.basename(unquote(p)): (p, int(n))
+            for p, n in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(), strict=True)
+        }
         prune = f"`{keys[0]}` IN ({', '.join(delta.sql_literal(v) for v in first)})"
         written: list[AddAction] = []
         removes: list[RemoveAction] = []
@@ -132,13 +137,14 @@ def update_matched(
         now_ms = int(time.time() * 1000)
         try:
             for f in dt.file_uris(file_pruning_predicate=prune):
-                if not _holds_winner(f, schema, keys, rule, index, src_rule, first_values):
+                if not _holds_winner(f, schema, keys, rule, index, src_rule, lookup, ordered):
                     continue
-                new, n = _rewritten(conform(pq.read_table(f), schema), source, keys, rule, index, src_rule, keep)
+                whole = pq.ParquetFile(f, metadata=rowgroups.footer(f)).read()
+                new, n = _rewritten(conform(whole, schema), source, keys, rule, index, src_rule, keep)
                 if sort_by:
                     new = new.sort_by([(c, "ascending") for c in sort_by])
                 written.append(delta_commit.add_action_from_record(parts.write_part_file(folder, new, row_group_rows=row_group_rows)))
-                rel, size = by_name[Path(f).name]
+                rel, size = by_name[os.path.basename(unquote(f))]
                 removes.append(delta_commit.remove_action(rel, size, now_ms))
                 replaced += n
             if removes:
@@ -160,7 +166,7 @@ def update_matched(
 
 def _holds_winner(
     path: str, schema: pa.Schema, keys: Sequence[str], rule: Rule, index: Mapping[tuple[Any, ...], int],
-    src_rule: Sequence[Mapping[str, Any]], first: pa.Array,
+    src_rule: Sequence[Mapping[str, Any]], lookup: Mapping[str, pa.Array], ordered: Mapping[str, Sequence[Any]],
 ) -> bool:
     """Whether data file ``path`` has a row that a source row replaces.
 
@@ -169,7 +175,7 @@ def _holds_winner(
     columns (a resource's JSON) only of the row groups holding a wanted value.
     """
     cols = list(dict.fromkeys([*keys, *rule.columns]))
-    probe = rowgroups.matching_rows(path, {keys[0]: first}, schema, pa.schema([schema.field(c) for c in cols]))
+    probe = rowgroups.matching_rows(path, lookup, schema, pa.schema([schema.field(c) for c in cols]), ordered)
     if probe is None:
         return False
     for k, row in zip(_key_rows(probe, keys), probe.select(list(rule.columns)).to_pylist(), strict=True):
@@ -192,12 +198,11 @@ def _rewritten(
         if i is not None and rule.wins(src_rule[i], target_rule[j]):
             taken_from.append(i)
             replaced_at.append(j)
-    mask = pa.array([True] * table.num_rows, pa.bool_())
-    if replaced_at:
-        hit = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=pa.array(replaced_at, pa.int64()))
-        mask = pc.invert(hit)
+    kept = [True] * table.num_rows
+    for j in replaced_at:
+        kept[j] = False
     new_rows = source.take(pa.array(taken_from, pa.int64()))
     olds = pa.array(replaced_at, pa.int64())
     for col in keep:
         new_rows = new_rows.set_column(new_rows.schema.get_field_index(col), table.schema.field(col), table.column(col).take(olds))
-    return pa.concat_tables([table.filter(mask), new_rows]), len(replaced_at)
+    return pa.concat_tables([table.filter(pa.array(kept, pa.bool_())), new_rows]), len(replaced_at)

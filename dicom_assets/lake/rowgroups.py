@@ -114,15 +114,24 @@ def candidate_row_groups(md: pq.FileMetaData, wanted: Mapping[str, Sequence[Any]
     return out
 
 
-def matching_rows(path: str, sets: Mapping[str, pa.Array], full: pa.Schema, target: pa.Schema) -> pa.Table | None:
+def sorted_values(sets: Mapping[str, pa.Array]) -> dict[str, list[Any]]:
+    """The wanted values of each column, NULLs left out, sorted as :func:`candidate_row_groups` takes them."""
+    return {c: sorted(v for v in values.to_pylist() if v is not None) for c, values in sets.items()}
+
+
+def matching_rows(
+    path: str, sets: Mapping[str, pa.Array], full: pa.Schema, target: pa.Schema,
+    ordered: Mapping[str, Sequence[Any]] | None = None,
+) -> pa.Table | None:
     """The rows of data file ``path`` whose ``sets`` columns hold wanted values (``None``: none do).
 
     Only the key columns of the candidate row groups are read first; the
     other ``target`` columns only of the row groups that hold a match.
+    ``ordered`` is :func:`sorted_values` of ``sets``, given by a caller that
+    looks up the same values in many files.
     """
     md = footer(path)
-    wanted = {c: sorted(v for v in values.to_pylist() if v is not None) for c, values in sets.items()}
-    groups = candidate_row_groups(md, wanted)
+    groups = candidate_row_groups(md, ordered if ordered is not None else sorted_values(sets))
     if not groups:
         return None
     pf = pq.ParquetFile(path, metadata=md)

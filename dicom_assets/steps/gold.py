@@ -52,12 +52,6 @@ class GoldResult:
     skipped: dict[str, str]
 
 
-def _read_map(paths: LakePaths, kind: str) -> dict[str, int]:
-    """The whole id map of ``kind`` (key → id); for the unscoped checks."""
-    t = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
-    return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist(), strict=False))
-
-
 def _map_rows(paths: LakePaths, kind: str, column: str, values: Iterable[str | int]) -> pa.Table:
     """The id-map rows (``key``, ``id``) of ``kind`` whose ``column`` is one of ``values``.
 
@@ -238,18 +232,26 @@ def _ids(t: pa.Table, col: str) -> list[Any]:
     return t.column(col).to_pylist()
 
 
-def _partition_rows(paths: LakePaths, table: str, schema: pa.Schema, day: str | None) -> pa.Table:
-    """The rows of ``table`` for the studies ``day`` touched (all rows without ``day``).
+def _study_ids(paths: LakePaths, day: str | None) -> list[str] | None:
+    """ImagingStudy ids (``msftSourceRecordId``) of the studies ``day`` touched; ``None`` without ``day``."""
+    if day is None:
+        return None
+    return sorted({imaging_study_id(ns, uid) for ns, uid in touched_studies(paths, day)})
+
+
+def _partition_rows(
+    paths: LakePaths, table: str, schema: pa.Schema, study_ids: list[str] | None, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of ``table`` for the studies ``study_ids`` (:func:`_study_ids`; all rows when ``None``).
 
     A partition's checks look at what its run wrote: another day's run going
     on at the same time (image_occurrence merged, procedure_occurrence not
     yet) must not fail them. Rows are found by ``msftSourceRecordId`` (the
     ImagingStudy id), not by reading the table whole.
     """
-    if day is None:
-        return delta.read(paths.table_uri(table), schema)
-    ids = sorted({imaging_study_id(ns, uid) for ns, uid in touched_studies(paths, day)})
-    return delta.read_in(paths.table_uri(table), schema, "msftSourceRecordId", ids)
+    if study_ids is None:
+        return delta.read(paths.table_uri(table), schema, columns=columns)
+    return delta.read_in(paths.table_uri(table), schema, "msftSourceRecordId", study_ids, columns=columns)
 
 
 def _duplicates(paths: LakePaths, table: str, schema: pa.Schema, column: str, rows: pa.Table, whole: bool) -> int:
@@ -268,12 +270,6 @@ def _known_ids(paths: LakePaths, table: str, schema: pa.Schema, column: str, ids
     return set(_ids(delta.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column]), column))
 
 
-def _known_persons(paths: LakePaths, ids: Iterable[int], whole: bool) -> set[int]:
-    if whole:
-        return set(_read_map(paths, "person").values())
-    return set(_ids(_map_rows(paths, "person", "id", ids), "id"))
-
-
 def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
     """No duplicate ids, required columns non-null, person/procedure ids resolve.
 
@@ -281,12 +277,12 @@ def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bo
     ids looked up in the whole table (a duplicate written by another day counts).
     """
     whole = day is None
-    io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, day)
+    io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, _study_ids(paths, day))
     dup = _duplicates(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, "image_occurrence_id", io, whole)
     nulls = {f.name: io.column(f.name).null_count for f in IMAGE_OCCURRENCE_SCHEMA if not f.nullable}
     proc_ids = _ids(io, "procedure_occurrence_id")
     proc = _known_ids(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, "procedure_occurrence_id", proc_ids, whole)
-    persons = _known_persons(paths, _ids(io, "person_id"), whole)
+    persons = _known_ids(paths, "_idmap_person", IDMAP_SCHEMA, "id", _ids(io, "person_id"), whole)
     bad_proc = sum(1 for x in proc_ids if x not in proc)
     bad_person = sum(1 for x in _ids(io, "person_id") if x not in persons)
     facts = {"rows": io.num_rows, "duplicate_ids": dup, "null_required": sum(nulls.values()),
@@ -297,10 +293,10 @@ def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bo
 def check_procedure_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
     """No duplicate ids, required columns non-null, person ids resolve (scoped like :func:`check_image_occurrence`)."""
     whole = day is None
-    po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, day)
+    po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, _study_ids(paths, day))
     dup = _duplicates(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, "procedure_occurrence_id", po, whole)
     nulls = sum(po.column(f.name).null_count for f in PROCEDURE_OCCURRENCE_SCHEMA if not f.nullable)
-    persons = _known_persons(paths, _ids(po, "person_id"), whole)
+    persons = _known_ids(paths, "_idmap_person", IDMAP_SCHEMA, "id", _ids(po, "person_id"), whole)
     bad_person = sum(1 for x in _ids(po, "person_id") if x not in persons)
     return dup == 0 and nulls == 0 and bad_person == 0, {
         "rows": po.num_rows, "duplicate_ids": dup, "null_required": nulls, "unresolved_person_ids": bad_person
@@ -319,8 +315,11 @@ def check_idmaps_stable(paths: LakePaths, day: str | None = None) -> tuple[bool,
     """
     used: dict[str, set[int]] = {kind: set() for kind in IDMAPS}
     if day is not None:
-        io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, day)
-        po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, day)
+        study_ids = _study_ids(paths, day)
+        io = _partition_rows(paths, "image_occurrence", IMAGE_OCCURRENCE_SCHEMA, study_ids,
+                             ["image_occurrence_id", "procedure_occurrence_id", "person_id"])
+        po = _partition_rows(paths, "procedure_occurrence", PROCEDURE_OCCURRENCE_SCHEMA, study_ids,
+                             ["procedure_occurrence_id", "person_id"])
         used["image_occurrence"].update(_ids(io, "image_occurrence_id"))
         used["procedure_occurrence"].update(_ids(io, "procedure_occurrence_id") + _ids(po, "procedure_occurrence_id"))
         used["person"].update(_ids(io, "person_id") + _ids(po, "person_id"))

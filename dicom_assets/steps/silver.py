@@ -28,6 +28,8 @@ INSTANCE_KEY = ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msft
 NEWER_ORDER = (("sourceModifiedAt", "descending"), ("contentSha256", "descending"), ("originalPath", "ascending"))
 #: :data:`NEWER_ORDER` as a ``MERGE`` predicate over source ``s`` and target ``t``.
 NEWER = rewrite.sql_wins(NEWER_ORDER)
+#: :data:`NEWER_ORDER` as the rule of silver's updates (:func:`dicom_assets.lake.rewrite.update_matched`).
+NEWER_RULE = rewrite.by_order(NEWER_ORDER)
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,8 @@ def pick_latest(rows: pa.Table) -> pa.Table:
     then larger ``contentSha256``, then smaller ``originalPath``."""
     if rows.num_rows == 0:
         return rows
-    order = rows.sort_by(
-        [
-            ("sourceModifiedAt", "descending"),
-            ("contentSha256", "descending"),
-            ("originalPath", "ascending"),
-            ("filePath", "ascending"),
-        ]
-    )
+    # filePath last: a fixed choice among rows that NEWER_ORDER cannot tell apart.
+    order = rows.sort_by([*NEWER_ORDER, ("filePath", "ascending")])
     keys = zip(*(order.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "sourceSystem")), strict=False)
     seen: set[tuple[Any, ...]] = set()
     keep: list[int] = []
@@ -158,7 +154,7 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
         keys.update(_key_digests(silver))
         metrics = delta.upsert(
             uri, silver, SILVER_METASTORE_SCHEMA, keys=INSTANCE_KEY, lock=lambda: lake_lock(paths.state_dir, "silver_instances"),
-            update_rule=rewrite.by_order(NEWER_ORDER), keep_columns=["msftCreatedDatetime"], sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS,
+            update_rule=NEWER_RULE, keep_columns=["msftCreatedDatetime"], sort_by=INSTANCE_KEY, row_group_rows=SILVER_ROW_GROUP_ROWS,
         )
         inserted += metrics["num_target_rows_inserted"]
         updated += metrics["num_target_rows_updated"]
