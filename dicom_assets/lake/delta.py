@@ -28,7 +28,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 
 from dicom_assets.lake import rowgroups, snapshots
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
-from dicom_assets.lake.parts import STATS_COLUMNS
+from dicom_assets.lake.parts import STATS_COLUMNS, WRITE_BATCH_ROWS
 from dicom_assets.lake.schemas import conform
 
 if TYPE_CHECKING:
@@ -127,7 +127,11 @@ def append(
     if not data.num_rows:
         return
     if row_group_rows:
-        props = WriterProperties(max_row_group_size=row_group_rows)
+        # Compression named: delta-rs writes uncompressed when given properties
+        # without it (silver's JSON took 7x the bytes). Small write batches close
+        # a wide column's pages near 1 MB, not after 1,024 rows (7 MB of JSON),
+        # so a reader that streams a batch at a time holds one small page.
+        props = WriterProperties(max_row_group_size=row_group_rows, compression="SNAPPY", write_batch_size=WRITE_BATCH_ROWS)
         _commit(uri, lambda: write_deltalake(str(uri), data, mode="append", writer_properties=props))
     else:
         _commit(uri, lambda: write_deltalake(str(uri), data, mode="append"))
@@ -357,6 +361,15 @@ def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[Sc
         empty = schema.empty_table()
         return empty.select(list(columns)) if columns else empty
     return read(uri, schema, columns=columns, where={column: list(values)})
+
+
+def live_files(uri: str | Path) -> set[str]:
+    """Names of the table's live data files (as in its folder); empty when there is no table."""
+    try:
+        dt = snapshots.latest(uri)
+    except TableNotFoundError:
+        return set()
+    return {os.path.basename(unquote(p)) for p in pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist()}
 
 
 def count(uri: str | Path) -> int:

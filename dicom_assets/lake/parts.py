@@ -16,7 +16,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,13 @@ STATS_COLUMNS: dict[str, str] = {
 }
 
 
+#: Rows a Parquet writer takes at a time. A page is closed only between
+#: batches, so with the writers' default (1,024) a page of DICOM JSON held
+#: about 7 MB; at 128 rows it is near the 1 MB page size, and a reader that
+#: streams rows (:mod:`dicom_assets.lake.cluster`) holds that much per file.
+WRITE_BATCH_ROWS = 128
+
+
 def write_part_file(table_dir: str | Path, table: pa.Table, *, row_group_rows: int | None = None) -> dict[str, Any]:
     """Write ``table`` as one Parquet file into the table folder; return its part record.
 
@@ -48,20 +55,38 @@ def write_part_file(table_dir: str | Path, table: pa.Table, *, row_group_rows: i
     readers until a commit adds it. ``row_group_rows`` cuts it into row groups
     of that many rows (one row group by default).
     """
+    return write_part_pieces(table_dir, [table], table.schema, row_group_rows=row_group_rows)
+
+
+def write_part_pieces(
+    table_dir: str | Path, pieces: Iterable[pa.Table], schema: pa.Schema, *, row_group_rows: int | None = None
+) -> dict[str, Any]:
+    """:func:`write_part_file` of the rows of ``pieces`` (each with ``schema``), written as they come.
+
+    Only the statistics columns of the pieces are kept until the file is
+    closed, so a file far larger than memory allows can be written a row
+    group at a time (:mod:`dicom_assets.lake.cluster`).
+    """
     folder = Path(table_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"part-{uuid.uuid4()}.parquet"
     path = folder / name
+    listed = stats_columns(folder)
+    kept: list[pa.Table] = []
     with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression="snappy", write_statistics=True, row_group_size=row_group_rows)
+        with pq.ParquetWriter(fh, schema, compression="snappy", write_statistics=True, write_batch_size=WRITE_BATCH_ROWS) as writer:
+            for piece in pieces:
+                writer.write_table(piece, row_group_size=row_group_rows)
+                kept.append(piece.select([c for c in listed if c in schema.names]) if listed is not None else piece)
         fh.flush()
         os.fsync(fh.fileno())
     st = path.stat()
+    stats = part_stats(pa.concat_tables(kept) if kept else schema.empty_table(), listed)
     return {
         "path": name,
         "size": int(st.st_size),
         "modification_time": int(st.st_mtime * 1000),
-        "stats": json.dumps(part_stats(table, stats_columns(folder)), separators=(",", ":")),
+        "stats": json.dumps(stats, separators=(",", ":")),
     }
 
 

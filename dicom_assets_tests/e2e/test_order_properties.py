@@ -31,8 +31,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pydicom
 import pytest
+from deltalake import DeltaTable
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -107,8 +109,8 @@ def drop(lake: Path, src: Path, copy: int, day: str, second: int) -> None:
     os.utime(dst, (t, t))
 
 
-def run(lake: Path, day: str) -> None:
-    s = Settings(lake=str(lake), settle_seconds=0, workers=1, batch_size=16)
+def run(lake: Path, day: str, *, batch_size: int = 16) -> None:
+    s = Settings(lake=str(lake), settle_seconds=0, workers=1, batch_size=batch_size)
     assert materialize_partition(s, partition=day, progress=False, raise_on_error=True)["success"]
 
 
@@ -232,9 +234,16 @@ def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_pat
             drop(lake, src, 1, DAYS[0], second=100 + i)  # the same instances again, later: these win
             drop(lake, src, 2, DAYS[0], second=i)  # and the same bytes, same time, larger path: these lose
         monkeypatch.setattr(silver_steps, "CHUNK_ROWS", chunk)
-        run(lake, DAYS[0])
+        monkeypatch.setattr(silver_steps, "SILVER_FILE_ROWS", 2)
+        run(lake, DAYS[0], batch_size=3)  # several bronze data files, so several silver rounds
         lakes[name] = order_free_tables(lake)
     assert lakes["chunked"] == lakes["one_merge"]
+    # The chunked day was clustered: each study's instances in one file, files in UID order.
+    files = [pq.read_table(f, columns=["studyInstanceUid"]).column(0).to_pylist()
+             for f in DeltaTable(LakePaths.of(tmp_path / "chunked").table_uri("ImagingMetastore")).file_uris()]
+    assert len(files) > 1 and all(f == sorted(f) for f in files)
+    spans = sorted((f[0], f[-1]) for f in files)
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert sum("/copy1/" in r for r in lakes["one_merge"]["ImagingMetastore"]) == 4
     assert len(lakes["one_merge"]["procedure_occurrence"]) > 1  # more than one round of studies
 
