@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -46,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from dicom_assets.lake import delta, parts, snapshots
@@ -177,16 +179,39 @@ def _plan_removal(
     dt: DeltaTable, folder: Path, schema: pa.Schema, column: str, day: str
 ) -> tuple[list[RemoveAction], list[AddAction]]:
     """``remove`` actions for the day's files, plus rewritten parts of mixed files."""
-    files = pa.table(dt.get_add_actions(flatten=True))
-    if files.num_rows == 0:
-        return [], []
-    names = set(files.column_names)
-    lo_col, hi_col, nc_col = f"min.{column}", f"max.{column}", f"null_count.{column}"
     now_ms = int(time.time() * 1000)
     removes: list[RemoveAction] = []
     rewritten: list[AddAction] = []
+    for row, state in _day_states(dt, folder, column, day):
+        if state == _NONE:
+            continue
+        removes.append(remove_action(row["path"], int(row["size_bytes"]), now_ms))
+        if state == _MIXED:
+            path = folder / unquote(row["path"])
+            kept = pq.read_table(path)
+            mask = pc.fill_null(pc.not_equal(kept.column(column), pa.scalar(day)), True)
+            rewritten.append(write_part(folder, delta.conform(kept.filter(mask), schema)))
+    return removes, rewritten
+
+
+def day_files(uri: str | Path, day: str, *, column: str = "ingestDate") -> list[str]:
+    """Names of the live data files whose every row has ``column = day`` (a day's parts), in log order."""
+    try:
+        dt = snapshots.latest(str(uri))
+    except TableNotFoundError:
+        return []
+    folder = table_dir(uri)
+    return [os.path.basename(unquote(row["path"])) for row, state in _day_states(dt, folder, column, day) if state == _ALL]
+
+
+def _day_states(dt: DeltaTable, folder: Path, column: str, day: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Each live file's add action (flattened) and whether its ``column`` is ``day`` on all, none or some rows."""
+    files = pa.table(dt.get_add_actions(flatten=True))
+    if files.num_rows == 0:
+        return
+    names = set(files.column_names)
+    lo_col, hi_col, nc_col = f"min.{column}", f"max.{column}", f"null_count.{column}"
     for row in files.to_pylist():
-        path = folder / unquote(row["path"])
         stats = None
         if lo_col in names and hi_col in names:
             stats = {
@@ -195,15 +220,7 @@ def _plan_removal(
                 "maxValues": {column: row.get(hi_col)},
                 "nullCount": {column: row.get(nc_col)} if nc_col in names else {},
             }
-        state = _day_state(path, json.dumps(stats) if stats else None, column, day)
-        if state == _NONE:
-            continue
-        removes.append(remove_action(row["path"], int(row["size_bytes"]), now_ms))
-        if state == _MIXED:
-            kept = pq.read_table(path)
-            mask = pc.fill_null(pc.not_equal(kept.column(column), pa.scalar(day)), True)
-            rewritten.append(write_part(folder, delta.conform(kept.filter(mask), schema)))
-    return removes, rewritten
+        yield row, _day_state(folder / unquote(row["path"]), json.dumps(stats) if stats else None, column, day)
 
 
 def _day_state(path: Path, stats_json: str | None, column: str, day: str) -> str:

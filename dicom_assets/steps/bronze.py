@@ -15,10 +15,10 @@ from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines import local
 from dicom_assets.engines.base import ExtractionOutcome
-from dicom_assets.lake import delta, external, failures, fileops, organise
+from dicom_assets.lake import cluster, delta, delta_commit, external, failures, fileops, organise
 from dicom_assets.lake.fileops import crash_point
 from dicom_assets.lake.paths import LakePaths
-from dicom_assets.lake.schemas import FAILURES_SCHEMA
+from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 
 Engine = Callable[..., ExtractionOutcome]
 
@@ -174,6 +174,7 @@ def extract_metastore(
         )
         crash_point("bronze:moved_to_failed")
     write_failures(paths, day)
+    compact_day(paths, day)
     per_ns: dict[str, int] = {}
     for t in tasks:
         per_ns[t.source_system] = per_ns.get(t.source_system, 0) + 1
@@ -184,6 +185,32 @@ def extract_metastore(
         seconds=time.perf_counter() - start,
         engine=outcome.engine,
         per_namespace=per_ns,
+    )
+
+
+#: A day extracted into more part files than this has them rewritten as files of
+#: :data:`METASTORE_FILE_ROWS` rows.
+COMPACT_PARTS = 64
+METASTORE_FILE_ROWS = 8_192
+METASTORE_ROW_GROUP_ROWS = 2_048
+
+
+def compact_day(paths: LakePaths, day: str) -> cluster.ClusterResult:
+    """Rewrite the day's extraction parts (one per batch of 64 files) as a few large files.
+
+    Every open of the metastore replays one ``add`` action per live file: a
+    100,000-file day left 1,588 parts, and each later run read 1.45 MB of log
+    to open the table; after this, 0.06 MB. Rows do not change (the commit
+    says ``dataChange: false``); a day of few parts is left as it is. A
+    re-run of the day that replaces it meanwhile wins, and this commits
+    nothing (:func:`dicom_assets.lake.cluster.concatenate`).
+    """
+    uri = paths.table_uri("dicomimagingmetastore")
+    files = delta_commit.day_files(uri, day)
+    if len(files) <= COMPACT_PARTS:
+        return cluster.ClusterResult(0, 0, 0)
+    return cluster.concatenate(
+        uri, METASTORE_SCHEMA, files, file_rows=METASTORE_FILE_ROWS, row_group_rows=METASTORE_ROW_GROUP_ROWS
     )
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
 from dicom_assets.lake import delta, rewrite
+from dicom_assets.lake.arrow_memory import release_unused_memory
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA, SILVER_IMAGINGSTUDY_SCHEMA
@@ -53,6 +54,10 @@ def iter_resources(
     for start in range(0, len(ordered), STUDIES_PER_READ):
         group = ordered[start : start + STUDIES_PER_READ]
         rows_of: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        # The last group's rows (Python strings of DICOM JSON, ~7 KB each) were
+        # freed between longer-lived blocks; handed back, the 100,000-instance
+        # day's step peaked at 632 MiB instead of 718 (in one process, alone).
+        release_unused_memory()
         for row in study_instances(paths, group).to_pylist():
             rows_of[(row["msftSourceSystem"], row["studyInstanceUid"])].append(row)
         for ns, uid in group:

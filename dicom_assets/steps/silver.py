@@ -104,6 +104,10 @@ CHUNK_ROWS = 5_000
 SILVER_ROW_GROUP_ROWS = 2_048
 #: A day merged in several rounds is clustered into files of this many rows.
 SILVER_FILE_ROWS = 4 * SILVER_ROW_GROUP_ROWS
+#: Rounds clustered together (:mod:`dicom_assets.lake.cluster` streams every
+#: file at once, ~3 MB each): a day of more rounds becomes one sorted run per
+#: this many rounds (100,000 instances: 20 rounds, one run).
+CLUSTER_ROUNDS = 32
 
 
 def _chunks(paths: LakePaths, day: str) -> Iterator[pa.Table]:
@@ -127,6 +131,17 @@ def _key_digests(silver: pa.Table) -> Iterator[bytes]:
         yield hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
+def _cluster_since(paths: LakePaths, before: set[str]) -> set[str]:
+    """Cluster the silver files written since ``before`` (live file names); the live files after."""
+    uri = paths.table_uri("ImagingMetastore")
+    with lake_lock(paths.state_dir, "silver_instances"):
+        cluster.merge_sorted(
+            uri, SILVER_METASTORE_SCHEMA, sorted(delta.live_files(uri) - before), INSTANCE_KEY,
+            file_rows=SILVER_FILE_ROWS, row_group_rows=SILVER_ROW_GROUP_ROWS,
+        )
+        return delta.live_files(uri)
+
+
 def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverResult:
     """Asset 3: dedupe the day's bronze rows and merge them into silver on the instance key.
 
@@ -144,7 +159,8 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
     A day merged in more than one round is then clustered
     (:func:`dicom_assets.lake.cluster.merge_sorted`): the files this run
     wrote, each spanning the whole UID range, become one run of files sorted
-    by the instance key, :data:`SILVER_FILE_ROWS` rows each. A later study's
+    by the instance key, :data:`SILVER_FILE_ROWS` rows each (one run per
+    :data:`CLUSTER_ROUNDS` rounds). A later study's
     key lookup then opens one of them instead of every round's file, and the
     NDJSON step reads its studies' row groups in order (read 5.7 GB for a
     100,000-instance day unclustered, 0.26 GB clustered). Clustering changes
@@ -161,6 +177,8 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
     before = delta.live_files(uri)
     rounds = 0
     for bronze in _chunks(paths, day):
+        if rounds and rounds % CLUSTER_ROUNDS == 0:
+            before = _cluster_since(paths, before)
         rounds += 1
         silver = to_silver(pick_latest(bronze), now)
         bronze_rows += bronze.num_rows
@@ -172,15 +190,9 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
         )
         inserted += metrics["num_target_rows_inserted"]
         updated += metrics["num_target_rows_updated"]
-    if rounds > 1:
+    if rounds > 1 and rounds % CLUSTER_ROUNDS != 1:  # a last group of one round is one sorted file already
         del bronze, silver  # the last round's rows, not needed while clustering
-        # Each round's file spans the whole UID range; clustered, a later
-        # study's lookup opens one file of this day instead of all of them.
-        with lake_lock(paths.state_dir, "silver_instances"):
-            cluster.merge_sorted(
-                uri, SILVER_METASTORE_SCHEMA, sorted(delta.live_files(uri) - before), INSTANCE_KEY,
-                file_rows=SILVER_FILE_ROWS, row_group_rows=SILVER_ROW_GROUP_ROWS,
-            )
+        _cluster_since(paths, before)
     return SilverResult(bronze_rows=bronze_rows, instances=len(keys), inserted=inserted, updated=updated, studies=sorted(studies))
 
 

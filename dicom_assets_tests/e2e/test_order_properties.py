@@ -45,6 +45,7 @@ from dicom_assets.lake import delta
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.runner import materialize_partition
+from dicom_assets.steps import bronze as bronze_steps
 from dicom_assets.steps import gold as gold_steps
 from dicom_assets.steps import silver as silver_steps
 from dicom_assets_tests.e2e import lakestate
@@ -220,10 +221,14 @@ def test_same_bytes_dropped_under_two_names_keep_one_lineage_whatever_the_order(
     assert "/copy0/" in want["ImagingMetastore"][0] and "/copy1/" not in want["ImagingMetastore"][0]
 
 
-def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cluster_rounds", [32, 2])
+def test_a_day_merged_file_by_file_equals_one_merge(
+    sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster_rounds: int
+) -> None:
     """Silver merges a big day in chunks and gold maps it in rounds of studies; with one data file
     per chunk (duplicates land in other chunks, some newer, some older) and one study per round
-    the tables equal those of a single merge of the day."""
+    the tables equal those of a single merge of the day, also when silver clusters every two rounds."""
+    monkeypatch.setattr(silver_steps, "CLUSTER_ROUNDS", cluster_rounds)
     lakes = {}
     for name, chunk in (("one_merge", 10**9), ("chunked", 1)):
         monkeypatch.setattr(gold_steps, "STUDIES_PER_ROUND", chunk)
@@ -243,9 +248,37 @@ def test_a_day_merged_file_by_file_equals_one_merge(sources: list[Path], tmp_pat
              for f in DeltaTable(LakePaths.of(tmp_path / "chunked").table_uri("ImagingMetastore")).file_uris()]
     assert len(files) > 1 and all(f == sorted(f) for f in files)
     spans = sorted((f[0], f[-1]) for f in files)
-    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    if cluster_rounds > 2:  # every round in one run
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert sum("/copy1/" in r for r in lakes["one_merge"]["ImagingMetastore"]) == 4
     assert len(lakes["one_merge"]["procedure_occurrence"]) > 1  # more than one round of studies
+
+
+def test_a_compacted_day_has_the_same_tables(sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A day of many extraction parts is rewritten as a few files; every table, bronze included,
+    holds what it holds without that, and a re-run of the compacted day changes nothing."""
+    lakes, bronze = {}, {}
+    for name, parts_limit in (("as_extracted", 10**9), ("compacted", 1)):
+        monkeypatch.setattr(bronze_steps, "COMPACT_PARTS", parts_limit)
+        monkeypatch.setattr(bronze_steps, "METASTORE_FILE_ROWS", 4)
+        monkeypatch.setattr(bronze_steps, "METASTORE_ROW_GROUP_ROWS", 2)
+        lake = tmp_path / name
+        for i, src in enumerate(sources):
+            drop(lake, src, 0, DAYS[0], second=i)
+        run(lake, DAYS[0], batch_size=2)
+        lakes[name] = order_free_tables(lake)
+        uri = LakePaths.of(lake).table_uri("dicomimagingmetastore")
+        t = delta.read(uri, TABLE_SCHEMAS["dicomimagingmetastore"])
+        skip = lakestate.WALL_CLOCK_COLUMNS | {"ingestDate"}
+        bronze[name] = sorted(json.dumps(lakestate._norm({k: v for k, v in r.items() if k not in skip}, str(lake)), sort_keys=True, default=str)
+                              for r in t.to_pylist())
+        bronze[name + "_files"] = len(DeltaTable(uri).file_uris())
+    assert lakes["compacted"] == lakes["as_extracted"]
+    assert bronze["compacted"] == bronze["as_extracted"]
+    assert bronze["compacted_files"] < bronze["as_extracted_files"]
+    before = order_free_tables(tmp_path / "compacted")
+    run(tmp_path / "compacted", DAYS[0], batch_size=2)
+    assert order_free_tables(tmp_path / "compacted") == before
 
 
 # ----------------------------------------------------------------------------- split study

@@ -131,3 +131,23 @@ def test_appends_are_compressed(tmp_path: Path) -> None:
     (f,) = DeltaTable(uri).file_uris()
     md = pq.ParquetFile(f).metadata
     assert {md.row_group(0).column(i).compression for i in range(md.num_columns)} == {"SNAPPY"}
+
+
+def test_concatenate_keeps_rows_and_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = str(tmp_path / "t")
+    rnd = random.Random(5)
+    for chunk in range(9):  # small parts, as extraction writes them
+        delta.append(uri, pa.Table.from_pylist(_rows(rnd, chunk, 7), schema=SCHEMA), SCHEMA)
+    names = [Path(f).name for f in DeltaTable(uri).file_uris()]
+    want = [json.dumps(r, sort_keys=True) for f in DeltaTable(uri).file_uris() for r in pq.read_table(f).to_pylist()]
+    monkeypatch.setattr("dicom_assets.lake.delta_commit.CHECKPOINT_AFTER_ADDS", 10)
+    result = cluster.concatenate(uri, SCHEMA, names, file_rows=20, row_group_rows=5)
+    assert result == cluster.ClusterResult(removed=9, added=4, rows=63)
+    outputs = [pq.ParquetFile(f) for f in DeltaTable(uri).file_uris()]
+    assert sorted(f.metadata.num_rows for f in outputs) == [3, 20, 20, 20]
+    assert all(f.metadata.row_group(i).num_rows <= 5 for f in outputs for i in range(f.metadata.num_row_groups))
+    by_first = sorted(outputs, key=lambda f: -f.metadata.num_rows)  # the short file is the last
+    got = [json.dumps(r, sort_keys=True) for f in by_first for r in f.read().to_pylist()]
+    assert got == want
+    assert not any(a[k]["dataChange"] for a in _last_commit(uri) for k in ("add", "remove") if k in a)
+    assert (Path(uri) / "_delta_log" / "_last_checkpoint").exists()  # 13 actions >= 10
