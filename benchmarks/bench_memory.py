@@ -209,7 +209,10 @@ class TreeSampler(threading.Thread):
         return max(self.hwm.values(), default=0)
 
     def window(self, t0: float, t1: float) -> dict[str, float]:
-        """Peak tree RSS and bytes read between wall-clock times ``t0`` and ``t1``."""
+        """Peak tree RSS, the RSS at the start, and bytes read between wall-clock times ``t0`` and ``t1``.
+
+        The start tells a step's own growth from what the process already held.
+        """
         inside = [s for s in self.samples if t0 <= s.t <= t1]
         before = [s for s in self.samples if s.t <= t0]
         after = [s for s in self.samples if s.t <= t1]
@@ -218,6 +221,7 @@ class TreeSampler(threading.Thread):
         peak = max((s.rss for s in inside), default=last.rss if last else 0)
         return {
             "peak_rss_mb": round(peak / MiB, 1),
+            "start_rss_mb": round((inside[0].rss if inside else peak) / MiB, 1),
             "rchar_mb": round(max(0, (last.rchar - first.rchar)) / MiB, 2) if first and last else 0.0,
             "samples": len(inside),
         }

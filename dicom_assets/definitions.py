@@ -12,10 +12,11 @@ from dicom_assets.defs.sensors import (
     external_folder_sensor,
     ingest_folder_sensor,
 )
-from dicom_assets.lake.arrow_memory import use_system_allocator
+from dicom_assets.lake.arrow_memory import fix_mmap_threshold, use_system_allocator
 
 # Every Dagster process (code server, run worker, step) imports this module first.
 use_system_allocator()
+fix_mmap_threshold()
 
 defs = dg.Definitions(
     assets=[

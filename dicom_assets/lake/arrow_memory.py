@@ -7,7 +7,9 @@ MiB in five with it) and was no faster (the extraction engine over the corpus
 x8: 6.09 s and 6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
 when a user sets it, still decides.
 
-Between the steps of a run in one process, :func:`release_unused_memory`
+Dagster processes also keep glibc's mmap threshold fixed
+(:func:`fix_mmap_threshold`), so that large buffers, once freed, do not stay
+in the heap. Between the steps of a run in one process, :func:`release_unused_memory`
 hands the heap a step freed back to the system (measured on a 30,000-instance
 day: the steps after the silver merge started at 567-581 MiB instead of
 638-710 MiB).
@@ -34,6 +36,36 @@ def use_system_allocator() -> None:
     if not os.environ.get(ARROW_POOL_VARIABLE):
         os.environ[ARROW_POOL_VARIABLE] = "system"
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+#: ``mallopt`` parameter number of glibc's mmap threshold (``M_MMAP_THRESHOLD`` in malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: Blocks from this size on get pages of their own, given back when freed (glibc's starting value).
+MMAP_THRESHOLD = 128 * 1024
+#: Environment variables by which a user tunes glibc's malloc; any of them set: left alone.
+_MALLOC_TUNING = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at :data:`MMAP_THRESHOLD`; ``True`` when set.
+
+    glibc raises the threshold to the size of each mmapped block freed (up to
+    32 MiB), so after the first Parquet row group of DICOM JSON was freed,
+    every page and batch buffer below that size came from the heap, was
+    freed between longer-lived blocks and stayed in the process.
+    Measured on the 100,000-instance day run in one process: peak 1,043 MiB
+    (silver's merge and clustering reading twenty files at once), 843 MiB
+    with the threshold fixed; the run took 106 s instead of 96 s (every big
+    buffer is mapped afresh). Left alone when the user tunes malloc through
+    its environment variables (``MALLOC_MMAP_THRESHOLD_`` …, ``GLIBC_TUNABLES``),
+    or off glibc.
+    """
+    if any(v in os.environ for v in _MALLOC_TUNING) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def backend_name() -> str:

@@ -63,3 +63,32 @@ def test_release_unused_memory_returns_a_freed_thread_heap_to_the_system() -> No
         pytest.skip("not glibc: only Arrow's pool is asked")
     # ~300 MiB was allocated; after the trim only the kept 1/64 and the interpreter remain.
     assert int(freed) > 200 and int(trimmed) < int(freed) - 150, out.stdout
+
+
+MMAP_PROBE = (
+    "import ctypes, sys, warnings; warnings.simplefilter('ignore')\n"
+    "if sys.argv[1] == 'definitions':\n"
+    "    import dicom_assets.definitions\n"
+    "class Info(ctypes.Structure):\n"
+    "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+    "libc = ctypes.CDLL(None)\n"
+    "libc.mallinfo2.restype = Info\n"
+    "libc.malloc.restype = ctypes.c_void_p\n"
+    "libc.free.argtypes = [ctypes.c_void_p]\n"
+    "libc.free(libc.malloc(16 << 20))  # glibc's dynamic threshold would now rise to 16 MiB\n"
+    "before = libc.mallinfo2().hblks\n"
+    "block = libc.malloc(1 << 20)\n"
+    "print(libc.mallinfo2().hblks - before)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("mode", "env_extra", "mapped"), [
+    ("definitions", {}, "1"),  # the threshold stays at 128 KiB: a 1 MiB block gets pages of its own
+    ("bare", {}, "0"),  # glibc alone raised it after the 16 MiB block: the 1 MiB block comes from the heap
+    ("definitions", {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}, "0"),  # the user tunes malloc: left alone
+])
+def test_the_mmap_threshold_stays_fixed_in_dagster_processes(mode: str, env_extra: dict[str, str], mapped: str) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}, **env_extra}
+    done = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], env=env, capture_output=True, text=True, timeout=180, check=True)
+    assert done.stdout.split()[-1] == mapped
