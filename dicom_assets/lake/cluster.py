@@ -12,17 +12,17 @@ actions say ``dataChange: false`` (Delta's ``OPTIMIZE`` does the same), and
 readers of the table's changes skip it. delta-rs's own
 ``optimize.z_order`` sorts through DataFusion and needed more than 600 MB of
 memory pool for a 100,000-instance silver table (it failed there); this is a
-streaming merge in bounded memory instead:
+streaming merge in bounded memory instead. Every input is sorted by the key
+(silver's appends and rewrites are; an input that is not is read whole and
+sorted first, it is one file), so a heap merge of the inputs' key streams
+gives the order of the output rows, and each input's rows are then taken
+front to back, a record batch at a time, and written a row group at a time.
+Memory is one batch of keys and one of rows per input and one output row
+group, not the table.
 
-1. the key columns of every input file are read (small: four UIDs a row) and
-   sorted together, which gives each output row its input file and row;
-2. every input is then read once, front to back, a record batch at a time,
-   since the inputs are themselves sorted by the key (an input that is not is
-   sorted in memory first; it is one file), and the output is written one
-   file of ``file_rows`` rows at a time.
-
-Memory is the key columns, one output file and one batch per input, not the
-table.
+:func:`concatenate` does the same for many small files whose order does not
+matter (a day of extraction parts): fewer, larger files, so fewer ``add``
+actions for every later open of the table to replay.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ Key = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class ClusterResult:
-    """What :func:`merge_sorted` did: files removed and added, rows moved (0 each when it did nothing)."""
+    """What :func:`merge_sorted` or :func:`concatenate` did: files removed and added, rows moved (0 each: nothing)."""
 
     removed: int
     added: int
