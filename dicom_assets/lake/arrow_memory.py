@@ -5,7 +5,11 @@ silver merge of a 100,000-instance day alone peaked at 757 MiB, 606 MiB with the
 system allocator; the fabric sample's run at 758-827 MiB in five runs, 690-799
 MiB in five with it) and was no faster (the extraction engine over the corpus
 x8: 6.09 s and 6.08 s against 6.00 s and 5.98 s). Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``,
-when a user sets it, still decides.
+when a user sets it, still decides. The package sets it as soon as it is
+imported (``dicom_assets/__init__.py``), before pyarrow starts: Parquet's
+decoding takes its buffers from the pool Arrow chose at its start, so a pool
+set later (:func:`use_system_allocator`, for a process that imported pyarrow
+first) covers only what pyarrow allocates from Python.
 
 Dagster processes also keep glibc's mmap threshold fixed
 (:func:`fix_mmap_threshold`), so that large buffers, once freed, do not stay
@@ -30,8 +34,10 @@ ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
 def use_system_allocator() -> None:
     """Make the system allocator Arrow's default pool unless ``ARROW_DEFAULT_MEMORY_POOL`` is set.
 
-    Buffers already allocated keep their pool; children started later inherit
-    the choice through the environment (:func:`backend_name` tells what is in use).
+    For a process that imported pyarrow before this package (the package sets
+    the variable itself otherwise): buffers already allocated keep their pool,
+    and so do Parquet's decoding buffers; children started later inherit the
+    choice through the environment (:func:`backend_name` tells what is in use).
     """
     if not os.environ.get(ARROW_POOL_VARIABLE):
         os.environ[ARROW_POOL_VARIABLE] = "system"

@@ -92,3 +92,25 @@ def test_the_mmap_threshold_stays_fixed_in_dagster_processes(mode: str, env_extr
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}, **env_extra}
     done = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], env=env, capture_output=True, text=True, timeout=180, check=True)
     assert done.stdout.split()[-1] == mapped
+
+
+POOL_PROBE = (
+    "import io, sys\n"
+    "if sys.argv[1] == 'package-first':\n"
+    "    import dicom_assets\n"
+    "import pyarrow as pa, pyarrow.parquet as pq\n"
+    "buf = io.BytesIO()\n"
+    "pq.write_table(pa.table({'x': ['a' * 1000] * 5000}), buf)\n"
+    "buf.seek(0)\n"
+    "for _ in pq.ParquetFile(buf).iter_batches(batch_size=128):\n"
+    "    pass\n"
+    "print(pa.mimalloc_memory_pool().max_memory())\n"
+)
+
+
+@pytest.mark.parametrize(("order", "on_mimalloc"), [("package-first", False), ("pyarrow-first", True)])
+def test_parquet_decoding_allocates_through_malloc_when_the_package_comes_first(order: str, on_mimalloc: bool) -> None:
+    """The package sets Arrow's pool before pyarrow starts; a pool set later misses Parquet's own buffers."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run([sys.executable, "-c", POOL_PROBE, order], env=env, capture_output=True, text=True, timeout=180, check=True)
+    assert (int(done.stdout.split()[-1]) > 0) is on_mimalloc
