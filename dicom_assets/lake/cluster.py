@@ -40,7 +40,6 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from dicom_assets.lake import delta, delta_commit, parts, rowgroups, snapshots
@@ -195,7 +194,7 @@ def _plan(uri: str | Path, schema: pa.Schema, files: Sequence[str]) -> tuple[lis
     folder = delta_commit.table_dir(uri)
     dt = snapshots.latest(str(uri))
     delta_commit.check_table(dt, schema)
-    live = _live(dt)
+    live = delta.files_by_name(dt)
     if any(n not in live for n in names):
         return None
     return names, [str(folder / unquote(live[n][0])) for n in names]
@@ -305,15 +304,6 @@ def _gather(inputs: Sequence[_Input], sources: Sequence[int]) -> pa.Table:
     return pa.concat_tables(pieces).take(pa.array(rank))
 
 
-def _live(dt: DeltaTable) -> dict[str, tuple[str, int]]:
-    """The live data files of ``dt`` by name: (path as the log has it, size)."""
-    adds = pa.table(dt.get_add_actions(flatten=True))
-    return {
-        os.path.basename(unquote(p)): (p, int(n))
-        for p, n in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(), strict=True)
-    }
-
-
 def _no_data_change(add: AddAction) -> AddAction:
     return AddAction(add.path, add.size, add.partition_values, add.modification_time, False, add.stats)
 
@@ -324,7 +314,7 @@ def _commit(uri: str | Path, schema: pa.Schema, folder: Path, names: Sequence[st
 
     def attempt() -> None:
         dt = snapshots.latest(str(uri))
-        live = _live(dt)
+        live = delta.files_by_name(dt)
         if any(n not in live for n in names):
             raise _InputGone()
         now_ms = int(time.time() * 1000)

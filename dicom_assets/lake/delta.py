@@ -369,7 +369,16 @@ def live_files(uri: str | Path) -> set[str]:
         dt = snapshots.latest(uri)
     except TableNotFoundError:
         return set()
-    return {os.path.basename(unquote(p)) for p in pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist()}
+    return set(files_by_name(dt))
+
+
+def files_by_name(dt: DeltaTable) -> dict[str, tuple[str, int]]:
+    """The live data files of ``dt`` by name: (path as the log's ``add`` has it, size in bytes)."""
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    return {
+        os.path.basename(unquote(p)): (p, int(n))
+        for p, n in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(), strict=True)
+    }
 
 
 def count(uri: str | Path) -> int:

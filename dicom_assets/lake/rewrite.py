@@ -125,11 +125,7 @@ def update_matched(
     def attempt() -> int:
         dt = snapshots.latest(str(uri))
         delta_commit.check_table(dt, schema)
-        adds = pa.table(dt.get_add_actions(flatten=True))
-        by_name = {
-            os.path.basename(unquote(p)): (p, int(n))
-            for p, n in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(), strict=True)
-        }
+        by_name = delta.files_by_name(dt)
         prune = f"`{keys[0]}` IN ({', '.join(delta.sql_literal(v) for v in first)})"
         written: list[AddAction] = []
         removes: list[RemoveAction] = []
