@@ -28,7 +28,7 @@ actions for every later open of the table to replay.
 from __future__ import annotations
 
 import heapq
-import itertools
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -72,6 +72,27 @@ def _key_rows(t: pa.Table | pa.RecordBatch, key: Sequence[str]) -> list[Key]:
     return list(zip(*cols, strict=True))
 
 
+class _Rows:
+    """Record batches handed out as tables of any number of rows, front to back."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> None:
+        self._batches, self._schema = batches, schema
+        self._held: pa.Table | None = None
+
+    def take(self, n: int) -> pa.Table:
+        """The next ``n`` rows (conformed to the schema)."""
+        pieces: list[pa.Table] = []
+        while n > 0:
+            if self._held is None or self._held.num_rows == 0:
+                self._held = conform(pa.Table.from_batches([next(self._batches)]), self._schema)
+                continue
+            piece = self._held.slice(0, n)
+            self._held = self._held.slice(piece.num_rows)
+            pieces.append(piece)
+            n -= piece.num_rows
+        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+
+
 class _Input:
     """One input file read front to back: its keys for the merge, its rows for the output.
 
@@ -82,23 +103,21 @@ class _Input:
     """
 
     def __init__(self, path: str, schema: pa.Schema, key: Sequence[str]) -> None:
-        self._schema, self._key = schema, list(key)
+        self._key = list(key)
         self._key_schema = pa.schema([schema.field(c) for c in key])
         md = rowgroups.footer(path)
         keys = _key_rows(conform(pq.ParquetFile(path, metadata=md).read(columns=self._key), self._key_schema), key)
-        self.rows = len(keys)
-        self._held: pa.Table | None = None
         self._sorted_keys: list[Key] | None = None
         if all(keys[i] <= keys[i + 1] for i in range(len(keys) - 1)):
             del keys  # streamed again below: holding every input's keys would grow with the day
             self._path, self._md = path, md
             pf = self._reader()
-            self._batches: Iterator[pa.RecordBatch] = pf.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=schema.names, use_threads=False)
+            self._rows = _Rows(pf.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=schema.names, use_threads=False), schema)
         else:
             order = sorted(range(len(keys)), key=keys.__getitem__)
             whole = conform(pq.ParquetFile(path, metadata=md).read(columns=schema.names), schema)
             self._sorted_keys = [keys[i] for i in order]
-            self._batches = iter(whole.take(pa.array(order, pa.int64())).to_batches(max_chunksize=STREAM_BATCH_ROWS))
+            self._rows = _Rows(iter(whole.take(pa.array(order, pa.int64())).to_batches(max_chunksize=STREAM_BATCH_ROWS)), schema)
 
     def _reader(self) -> pq.ParquetFile:
         return pq.ParquetFile(self._path, metadata=self._md, pre_buffer=False, buffer_size=16 << 10)
@@ -113,16 +132,7 @@ class _Input:
 
     def take(self, n: int) -> pa.Table:
         """The next ``n`` rows."""
-        pieces: list[pa.Table] = []
-        while n > 0:
-            if self._held is None or self._held.num_rows == 0:
-                self._held = conform(pa.Table.from_batches([next(self._batches)]), self._schema)
-                continue
-            piece = self._held.slice(0, n)
-            self._held = self._held.slice(piece.num_rows)
-            pieces.append(piece)
-            n -= piece.num_rows
-        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+        return self._rows.take(n)
 
 
 def merge_sorted(
@@ -176,14 +186,19 @@ def concatenate(
     if planned is None:
         return ClusterResult(0, 0, 0)
     names, paths = planned
-    groups = _regrouped(_read_in_turn(paths, schema, row_group_rows), row_group_rows)
-    per_file = max(1, file_rows // row_group_rows)
+    total = sum(rowgroups.footer(p).num_rows for p in paths)
+    batches = (
+        b for p in paths
+        for b in pq.ParquetFile(p, metadata=rowgroups.footer(p)).iter_batches(batch_size=row_group_rows, columns=schema.names, use_threads=False)
+    )
+    rows = _Rows(batches, schema)
+    per_file = max(1, file_rows // row_group_rows) * row_group_rows
 
-    def outputs() -> Iterator[Iterator[pa.Table]]:
-        while (first := next(groups, None)) is not None:
-            yield itertools.chain([first], itertools.islice(groups, per_file - 1))
+    def groups(start: int) -> Iterator[pa.Table]:
+        stop = min(start + per_file, total)
+        return (rows.take(min(row_group_rows, stop - i)) for i in range(start, stop, row_group_rows))
 
-    return _replace(uri, schema, names, outputs(), row_group_rows)
+    return _replace(uri, schema, names, (groups(start) for start in range(0, total, per_file)), row_group_rows)
 
 
 def _plan(uri: str | Path, schema: pa.Schema, files: Sequence[str]) -> tuple[list[str], list[str]] | None:
@@ -212,9 +227,8 @@ def _replace(
     total = 0
     try:
         for groups in outputs:
-            counted = _Counted(groups)
-            rec = parts.write_part_pieces(folder, counted, schema, row_group_rows=row_group_rows)
-            total += counted.rows
+            rec = parts.write_part_pieces(folder, groups, schema, row_group_rows=row_group_rows)
+            total += json.loads(rec["stats"])["numRecords"]
             written.append(_no_data_change(delta_commit.add_action_from_record(rec)))
         committed = _commit(uri, schema, folder, names, written)
     except BaseException:
@@ -228,42 +242,6 @@ def _replace(
         # the old checkpoint's adds and then this commit's removes.
         delta_commit.checkpoint(uri)
     return ClusterResult(removed=len(names), added=len(written), rows=total)
-
-
-class _Counted:
-    """Row groups passed through, counting their rows."""
-
-    def __init__(self, groups: Iterator[pa.Table]) -> None:
-        self._groups, self.rows = groups, 0
-
-    def __iter__(self) -> Iterator[pa.Table]:
-        for g in self._groups:
-            self.rows += g.num_rows
-            yield g
-
-
-def _read_in_turn(paths: Sequence[str], schema: pa.Schema, batch_rows: int) -> Iterator[pa.Table]:
-    for path in paths:
-        pf = pq.ParquetFile(path, metadata=rowgroups.footer(path))
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=schema.names, use_threads=False):
-            yield conform(pa.Table.from_batches([batch]), schema)
-
-
-def _regrouped(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """The rows of ``tables`` in tables of exactly ``rows`` rows (the last one fewer)."""
-    held: list[pa.Table] = []
-    n = 0
-    for t in tables:
-        while t.num_rows:
-            piece = t.slice(0, rows - n)
-            t = t.slice(piece.num_rows)
-            held.append(piece)
-            n += piece.num_rows
-            if n == rows:
-                yield pa.concat_tables(held).combine_chunks()
-                held, n = [], 0
-    if n:
-        yield pa.concat_tables(held).combine_chunks()
 
 
 def _tagged(keys: Iterator[Key], i: int) -> Iterator[tuple[Key, int]]:
