@@ -91,8 +91,11 @@ def ensure_table(uri: str | Path, schema: pa.Schema) -> None:
     config = {"delta.dataSkippingStatsColumns": stats} if stats else None
 
     def create() -> None:
+        # Not an append of an empty table: delta-rs's first write in a process
+        # sets up its query engine (~0.17 s of CPU), which a plain create
+        # skips, and the local engine's commits never need it.
         if not exists(uri):
-            write_deltalake(str(uri), schema.empty_table(), mode="append", configuration=config)
+            DeltaTable.create(str(uri), schema, mode="ignore", configuration=config)
 
     try:
         with_commit_retry(create)
