@@ -265,8 +265,14 @@ def iter_read(
     *,
     columns: Sequence[str] | None = None,
     where: Mapping[str, Scalar | Sequence[Scalar]] | None = None,
+    batch_rows: int | None = None,
 ) -> Iterator[pa.Table]:
-    """:func:`read`, one table per data file, so a caller can bound its memory."""
+    """:func:`read`, one table per data file, so a caller can bound its memory.
+
+    With ``batch_rows``, tables of at most that many rows instead, each file
+    streamed a batch at a time (:func:`rowgroups.iter_matching`): memory then
+    holds one batch, not one file.
+    """
     try:
         dt = snapshots.latest(uri)
     except TableNotFoundError:
@@ -288,6 +294,10 @@ def iter_read(
         return
     sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
     ordered = rowgroups.sorted_values(sets)
+    if batch_rows:
+        for f in files:
+            yield from rowgroups.iter_matching(f, sets, full, target, ordered, batch_rows)
+        return
     adds = pa.table(dt.get_add_actions(flatten=True))
     whole = _wholly_matching(adds, wanted, full) if wanted else set()
 

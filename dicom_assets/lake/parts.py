@@ -72,16 +72,24 @@ def write_part_pieces(
     name = f"part-{uuid.uuid4()}.parquet"
     path = folder / name
     listed = stats_columns(folder)
+    counted = [f for f in schema if _is_primitive(f.type) and (listed is None or f.name in listed)]
+    extremes = [f.name for f in counted if _has_minmax(f.type)]
+    # Of the other columns (an instance's or a resource's JSON) the statistics
+    # hold a null count only, so pieces are not kept whole until the end.
+    nulls_only = {f.name: 0 for f in counted if not _has_minmax(f.type)}
     kept: list[pa.Table] = []
     with open(path, "wb") as fh:
         with pq.ParquetWriter(fh, schema, compression="snappy", write_statistics=True, write_batch_size=WRITE_BATCH_ROWS) as writer:
             for piece in pieces:
                 writer.write_table(piece, row_group_size=row_group_rows)
-                kept.append(piece.select([c for c in listed if c in schema.names]) if listed is not None else piece)
+                kept.append(piece.select(extremes))
+                for c in nulls_only:
+                    nulls_only[c] += piece.column(c).null_count
         fh.flush()
         os.fsync(fh.fileno())
     st = path.stat()
-    stats = part_stats(pa.concat_tables(kept) if kept else schema.empty_table(), listed)
+    stats = part_stats(pa.concat_tables(kept) if kept else schema.empty_table().select(extremes), listed)
+    stats["nullCount"] = {f.name: stats["nullCount"].get(f.name, nulls_only.get(f.name, 0)) for f in counted}
     return {
         "path": name,
         "size": int(st.st_size),

@@ -19,7 +19,7 @@ import os
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -154,3 +154,27 @@ def matching_rows(
         offset += n
     data = conform(pf.read_row_groups(chosen, columns=target.names), target)
     return data.filter(pa.concat_arrays(masks))
+
+
+def iter_matching(
+    path: str, sets: Mapping[str, pa.Array], full: pa.Schema, target: pa.Schema,
+    ordered: Mapping[str, Sequence[Any]], batch_rows: int,
+) -> Iterator[pa.Table]:
+    """:func:`matching_rows` of ``path`` (every row when ``sets`` is empty), at most ``batch_rows`` at a time.
+
+    The candidate row groups are streamed, so memory holds one batch of the
+    file, whatever its size; batches without a matching row are not yielded.
+    """
+    md = footer(path)
+    groups = candidate_row_groups(md, ordered) if sets else list(range(md.num_row_groups))
+    if not groups:
+        return
+    names = list(dict.fromkeys([*target.names, *sets]))
+    read_schema = pa.schema([full.field(c) for c in names])
+    pf = pq.ParquetFile(path, metadata=md)
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=names, use_threads=False):
+        t = conform(pa.Table.from_batches([batch]), read_schema)
+        for c, values in sets.items():
+            t = t.filter(pc.fill_null(pc.is_in(t.column(c), value_set=values), False))
+        if t.num_rows:
+            yield t.select(target.names)

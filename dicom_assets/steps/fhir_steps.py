@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
-from dicom_assets.lake import delta, rewrite
+from dicom_assets.lake import delta, delta_commit, parts, rewrite
 from dicom_assets.lake.arrow_memory import release_unused_memory
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
@@ -127,20 +128,44 @@ def ndjson_files_for_day(paths: LakePaths, day: str) -> list[tuple[str, Path]]:
 
 
 def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> int:
-    """Asset 5: replace the day's bronze ``ImagingStudy`` rows with the day's NDJSON lines."""
+    """Asset 5: replace the day's bronze ``ImagingStudy`` rows with the day's NDJSON lines.
+
+    The lines are parsed and written one NDJSON file (at most
+    :data:`MAX_PER_FILE` resources) at a time, as the row groups of one part
+    file, which then replaces the day in one commit
+    (:func:`~dicom_assets.lake.delta_commit.commit_replace`): memory holds one
+    NDJSON file's resources whatever the day's size.
+    """
     now = now or datetime.now(UTC)
-    rows = []
-    for ns, f in ndjson_files_for_day(paths, day):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    res = json.loads(line)
-                    rows.append(bronze_row(res, source_system=ns, file_path=str(f), created=now, ingest_date=day))
-    table = pa.Table.from_pylist(rows, schema=BRONZE_IMAGINGSTUDY_SCHEMA)
-    delta.replace_where(
-        paths.table_uri("bronze_ImagingStudy"), table, BRONZE_IMAGINGSTUDY_SCHEMA, f"ingestDate = {delta.sql_literal(day)}"
-    )
-    return table.num_rows
+    uri = paths.table_uri("bronze_ImagingStudy")
+    loaded = 0
+
+    def pieces() -> Iterator[pa.Table]:
+        nonlocal loaded
+        for ns, f in ndjson_files_for_day(paths, day):
+            with open(f, encoding="utf-8") as fh:
+                rows = [
+                    bronze_row(json.loads(line), source_system=ns, file_path=str(f), created=now, ingest_date=day)
+                    for line in fh
+                    if line.strip()
+                ]
+            if rows:
+                loaded += len(rows)
+                yield pa.Table.from_pylist(rows, schema=BRONZE_IMAGINGSTUDY_SCHEMA)
+
+    folder = delta_commit.table_dir(uri)
+    stream = pieces()
+    first = next(stream, None)
+    adds = [] if first is None else [
+        delta_commit.add_action_from_record(parts.write_part_pieces(folder, chain([first], stream), BRONZE_IMAGINGSTUDY_SCHEMA))
+    ]
+    try:
+        delta_commit.commit_replace(uri, BRONZE_IMAGINGSTUDY_SCHEMA, adds, day)
+    except BaseException:
+        for add in adds:
+            (folder / add.path).unlink(missing_ok=True)
+        raise
+    return loaded
 
 
 def _newer_and_changed(s: Mapping[str, Any], t: Mapping[str, Any]) -> bool:
@@ -161,39 +186,53 @@ class SilverStudyResult:
     updated: int
 
 
+#: Bronze resources flattened and merged per round of :func:`merge_silver`.
+#: A silver row of a 100-instance study is ~80 kB in Arrow (its series and
+#: instances three times: nested, as JSON, in the resource), so the
+#: 100,000-instance day merged at once took ~390 MB; rounds bound that.
+STUDIES_PER_ROUND = 500
+
+
 def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverStudyResult:
     """Asset 6: flatten the day's bronze resources and merge into silver on ``id``.
 
     A row is updated only when the incoming ``meta.lastUpdated`` is newer and
     the content differs, so ``msftModifiedDatetime`` moves only on real change
-    and ``msftCreatedDatetime`` is never overwritten.
+    and ``msftCreatedDatetime`` is never overwritten. The day is merged
+    :data:`STUDIES_PER_ROUND` resources at a time, each round one
+    :func:`~dicom_assets.lake.delta.upsert` (a day of more studies leaves
+    one silver file per round, each a range of StudyInstanceUIDs, as the
+    bronze rows come in that order). A day holds one resource per study and
+    namespace, so the rounds end where one merge of the whole day would.
     """
     now = now or datetime.now(UTC)
-    bronze = delta.read_day(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, day)
-    # Parsed resources are ~10x their JSON in Python objects: parse and flatten
-    # STUDIES_PER_READ at a time, so only the Arrow tables grow with the day.
-    pieces = [SILVER_IMAGINGSTUDY_SCHEMA.empty_table()]
-    for batch in bronze.to_batches(max_chunksize=STUDIES_PER_READ):
-        rows = [
-            flatten_imaging_study(
-                json.loads(b["fhirContent"]), source_system=b["sourceSystem"], file_path=b["filePath"], created=now, modified=now
-            )
-            for b in batch.to_pylist()
-        ]
-        pieces.append(pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA))
-    del bronze
-    table = pa.concat_tables(pieces)
-    metrics = delta.upsert(
-        paths.table_uri("silver_ImagingStudy"),
-        table,
-        SILVER_IMAGINGSTUDY_SCHEMA,
-        keys=["id"],
-        lock=lambda: lake_lock(paths.state_dir, "silver_imagingstudy"),
-        update_rule=NEWER_AND_CHANGED,
-        keep_columns=["msftCreatedDatetime"],
-    )
-    return SilverStudyResult(
-        studies=table.num_rows,
-        inserted=int(metrics.get("num_target_rows_inserted", 0)),
-        updated=int(metrics.get("num_target_rows_updated", 0)),
-    )
+    studies = inserted = updated = 0
+    bronze_uri = paths.table_uri("bronze_ImagingStudy")
+    for bronze in delta.iter_read(bronze_uri, BRONZE_IMAGINGSTUDY_SCHEMA, where={"ingestDate": day}, batch_rows=STUDIES_PER_ROUND):
+        # Parsed resources are ~10x their JSON in Python objects: parse and
+        # flatten STUDIES_PER_READ at a time, so only the Arrow tables grow.
+        pieces = [SILVER_IMAGINGSTUDY_SCHEMA.empty_table()]
+        for batch in bronze.to_batches(max_chunksize=STUDIES_PER_READ):
+            rows = [
+                flatten_imaging_study(
+                    json.loads(b["fhirContent"]), source_system=b["sourceSystem"], file_path=b["filePath"], created=now, modified=now
+                )
+                for b in batch.to_pylist()
+            ]
+            pieces.append(pa.Table.from_pylist(rows, schema=SILVER_IMAGINGSTUDY_SCHEMA))
+        del bronze
+        table = pa.concat_tables(pieces)
+        del pieces
+        metrics = delta.upsert(
+            paths.table_uri("silver_ImagingStudy"),
+            table,
+            SILVER_IMAGINGSTUDY_SCHEMA,
+            keys=["id"],
+            lock=lambda: lake_lock(paths.state_dir, "silver_imagingstudy"),
+            update_rule=NEWER_AND_CHANGED,
+            keep_columns=["msftCreatedDatetime"],
+        )
+        studies += table.num_rows
+        inserted += int(metrics.get("num_target_rows_inserted", 0))
+        updated += int(metrics.get("num_target_rows_updated", 0))
+    return SilverStudyResult(studies=studies, inserted=inserted, updated=updated)

@@ -87,54 +87,83 @@ def silver_instances_unique(paths: LakePaths, day: str | None = None) -> Result:
     return dup == 0, {"instances": t.num_rows, "duplicate_keys": dup}
 
 
+#: Studies whose resources and instances :func:`silver_studies_consistent` holds at once.
+STUDIES_PER_CHECK = 500
+
+_STUDY_COLUMNS = ["id", "studyInstanceUid", "msftSourceSystem", "numberOfInstances", "numberOfSeries", "fhirContent"]
+_INSTANCE_COLUMNS = ["imagingStudyId", "sopInstanceUid", "seriesInstanceUid"]
+
+
 def silver_studies_consistent(paths: LakePaths, day: str | None = None) -> Result:
     """``id`` unique; each study's ``numberOfInstances`` equals its silver instance count;
     every resource validates (FHIR R4B + our coded-value checks).
 
     With ``day``, only the studies that partition touched are checked: a run of
     another day going on at the same time (its instances merged, its studies
-    not rebuilt yet) must not fail this partition's check.
+    not rebuilt yet) must not fail this partition's check. They are read
+    :data:`STUDIES_PER_CHECK` StudyInstanceUIDs at a time (a study's resource
+    and instances share its UID), so memory does not grow with the day.
     """
-    from dicom_assets.fhir.validate import validate_imaging_study
-
-    st_cols = ["id", "studyInstanceUid", "msftSourceSystem", "numberOfInstances", "numberOfSeries", "fhirContent"]
-    inst_cols = ["imagingStudyId", "sopInstanceUid", "seriesInstanceUid"]
+    study_uri, inst_uri = paths.table_uri("silver_ImagingStudy"), paths.table_uri("ImagingMetastore")
     if day is None:
-        st = delta.read(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, columns=st_cols)
-        inst = delta.read(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, columns=inst_cols)
-    else:
-        studies = touched_studies(paths, day)
-        uids = sorted({uid for _ns, uid in studies})
-        wanted = pa.array(sorted({imaging_study_id(ns, uid) for ns, uid in studies}), pa.string())
-        st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids, columns=st_cols)
-        st = st.filter(pc.is_in(st.column("id"), value_set=wanted))
-        inst = delta.read_in(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=inst_cols)
-        inst = inst.filter(pc.is_in(inst.column("imagingStudyId"), value_set=wanted))
-    ids = st.column("id").to_pylist()
-    dup_ids = len(ids) - len(set(ids))
-    per_study: dict[str, set[str]] = {}
-    per_series: dict[str, set[str]] = {}
-    for sid, sop, ser in zip(*(inst.column(c).to_pylist() for c in ("imagingStudyId", "sopInstanceUid", "seriesInstanceUid")), strict=False):
-        if sid:
-            per_study.setdefault(sid, set()).add(sop)
-            per_series.setdefault(sid, set()).add(ser)
-    wrong_counts: list[str] = []
-    invalid: list[str] = []
-    for row in st.to_pylist():
-        if row["numberOfInstances"] != len(per_study.get(row["id"], ())) or row["numberOfSeries"] != len(per_series.get(row["id"], ())):
-            wrong_counts.append(row["studyInstanceUid"])
-        try:
-            validate_imaging_study(json.loads(row["fhirContent"]))
-        except ValueError:
-            invalid.append(row["studyInstanceUid"])
-    missing = sorted(set(per_study) - set(ids))
-    facts = {
-        "studies": st.num_rows,
-        "studies_in_silver_instances": len(per_study),
-        "studies_without_resource": len(missing),
-        "duplicate_ids": dup_ids,
-        "studies_with_wrong_counts": len(wrong_counts),
-        "invalid_resources": len(invalid),
-        "first_bad_study_uids": (wrong_counts + invalid)[:5],
-    }
-    return dup_ids == 0 and not wrong_counts and not invalid and not missing, facts
+        st = delta.read(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, columns=_STUDY_COLUMNS)
+        inst = delta.read(inst_uri, SILVER_METASTORE_SCHEMA, columns=_INSTANCE_COLUMNS)
+        found = _StudyFacts()
+        found.add(st, inst)
+        return found.result()
+    studies = touched_studies(paths, day)
+    uids = sorted({uid for _ns, uid in studies})
+    wanted = pa.array(sorted({imaging_study_id(ns, uid) for ns, uid in studies}), pa.string())
+    found = _StudyFacts()
+    for start in range(0, len(uids), STUDIES_PER_CHECK):
+        group = uids[start : start + STUDIES_PER_CHECK]
+        st = delta.read_in(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", group, columns=_STUDY_COLUMNS)
+        inst = delta.read_in(inst_uri, SILVER_METASTORE_SCHEMA, "studyInstanceUid", group, columns=_INSTANCE_COLUMNS)
+        found.add(st.filter(pc.is_in(st.column("id"), value_set=wanted)), inst.filter(pc.is_in(inst.column("imagingStudyId"), value_set=wanted)))
+    return found.result()
+
+
+class _StudyFacts:
+    """The facts of :func:`silver_studies_consistent`, summed over groups of whole studies."""
+
+    def __init__(self) -> None:
+        self.studies = self.dup_ids = 0
+        self.in_instances: set[str] = set()
+        self.missing: set[str] = set()
+        self.wrong_counts: list[str] = []
+        self.invalid: list[str] = []
+
+    def add(self, st: pa.Table, inst: pa.Table) -> None:
+        """Count the resources ``st`` against the instances ``inst`` of the same studies."""
+        from dicom_assets.fhir.validate import validate_imaging_study
+
+        ids = st.column("id").to_pylist()
+        self.studies += len(ids)
+        self.dup_ids += len(ids) - len(set(ids))
+        per_study: dict[str, set[str]] = {}
+        per_series: dict[str, set[str]] = {}
+        for sid, sop, ser in zip(*(inst.column(c).to_pylist() for c in _INSTANCE_COLUMNS), strict=False):
+            if sid:
+                per_study.setdefault(sid, set()).add(sop)
+                per_series.setdefault(sid, set()).add(ser)
+        for row in st.to_pylist():
+            if row["numberOfInstances"] != len(per_study.get(row["id"], ())) or row["numberOfSeries"] != len(per_series.get(row["id"], ())):
+                self.wrong_counts.append(row["studyInstanceUid"])
+            try:
+                validate_imaging_study(json.loads(row["fhirContent"]))
+            except ValueError:
+                self.invalid.append(row["studyInstanceUid"])
+        self.in_instances |= set(per_study)
+        self.missing |= set(per_study) - set(ids)
+
+    def result(self) -> Result:
+        facts = {
+            "studies": self.studies,
+            "studies_in_silver_instances": len(self.in_instances),
+            "studies_without_resource": len(self.missing),
+            "duplicate_ids": self.dup_ids,
+            "studies_with_wrong_counts": len(self.wrong_counts),
+            "invalid_resources": len(self.invalid),
+            "first_bad_study_uids": (self.wrong_counts + self.invalid)[:5],
+        }
+        return self.dup_ids == 0 and not self.wrong_counts and not self.invalid and not self.missing, facts

@@ -46,6 +46,7 @@ from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.runner import materialize_partition
 from dicom_assets.steps import bronze as bronze_steps
+from dicom_assets.steps import fhir_steps, reconcile
 from dicom_assets.steps import gold as gold_steps
 from dicom_assets.steps import silver as silver_steps
 from dicom_assets_tests.e2e import lakestate
@@ -227,11 +228,16 @@ def test_a_day_merged_file_by_file_equals_one_merge(
 ) -> None:
     """Silver merges a big day in chunks and gold maps it in rounds of studies; with one data file
     per chunk (duplicates land in other chunks, some newer, some older) and one study per round
-    the tables equal those of a single merge of the day, also when silver clusters every two rounds."""
+    the tables equal those of a single merge of the day, also when silver clusters every two rounds.
+    The same for the FHIR steps: one resource per silver ImagingStudy round (one per bronze row
+    group: one per NDJSON file) and per group of the study check."""
     monkeypatch.setattr(silver_steps, "CLUSTER_ROUNDS", cluster_rounds)
-    lakes = {}
+    monkeypatch.setattr(fhir_steps, "MAX_PER_FILE", 1)  # in both lakes: it names the files, msftFilePath
+    lakes, checks = {}, {}
     for name, chunk in (("one_merge", 10**9), ("chunked", 1)):
         monkeypatch.setattr(gold_steps, "STUDIES_PER_ROUND", chunk)
+        monkeypatch.setattr(fhir_steps, "STUDIES_PER_ROUND", chunk)
+        monkeypatch.setattr(reconcile, "STUDIES_PER_CHECK", chunk)
         lake = tmp_path / name
         for i, src in enumerate(sources):
             drop(lake, src, 0, DAYS[0], second=i)
@@ -242,7 +248,17 @@ def test_a_day_merged_file_by_file_equals_one_merge(
         monkeypatch.setattr(silver_steps, "SILVER_FILE_ROWS", 2)
         run(lake, DAYS[0], batch_size=3)  # several bronze data files, so several silver rounds
         lakes[name] = order_free_tables(lake)
+        checks[name] = reconcile.silver_studies_consistent(LakePaths.of(lake), DAYS[0])
     assert lakes["chunked"] == lakes["one_merge"]
+    assert checks["chunked"] == checks["one_merge"] and checks["chunked"][0]
+    # One silver ImagingStudy file per study; the day's bronze resources in one file, a row group per NDJSON file.
+    chunked = LakePaths.of(tmp_path / "chunked")
+    studies = checks["chunked"][1]["studies"]
+    assert studies > 1 and len(DeltaTable(chunked.table_uri("silver_ImagingStudy")).file_uris()) == studies
+    (bronze_file,) = DeltaTable(chunked.table_uri("bronze_ImagingStudy")).file_uris()
+    assert pq.ParquetFile(bronze_file).metadata.num_row_groups == studies
+    run(tmp_path / "chunked", DAYS[0])  # a re-run of the day in rounds changes nothing
+    assert order_free_tables(tmp_path / "chunked") == lakes["chunked"]
     # The chunked day was clustered: each study's instances in one file, files in UID order.
     files = [pq.read_table(f, columns=["studyInstanceUid"]).column(0).to_pylist()
              for f in DeltaTable(LakePaths.of(tmp_path / "chunked").table_uri("ImagingMetastore")).file_uris()]

@@ -67,6 +67,19 @@ def test_iter_read_yields_one_table_per_file(table: Path) -> None:
     assert len(parts) == 2 and sum(p.num_rows for p in parts) == len([i for i in range(1250) if i % 3 == 0])
 
 
+@pytest.mark.parametrize("where", [None, {"day": "d0"}, {"study": ["s1", "s5"], "day": "d2"}])
+def test_iter_read_in_batches_streams_the_same_rows(table: Path, where: dict[str, object] | None) -> None:
+    batches = list(delta.iter_read(table, SCHEMA, columns=["n", "payload"], where=where, batch_rows=37))  # type: ignore[arg-type]
+    assert all(0 < b.num_rows <= 37 for b in batches) and all(b.column_names == ["n", "payload"] for b in batches)
+    got = [n for b in batches for n in b.column("n").to_pylist()]
+    if where is None:
+        assert sorted(got) == list(range(1250))
+    elif "study" in where:
+        assert sorted(got) == _expected({"s1", "s5"}, "d2")
+    else:
+        assert sorted(got) == [i for i in range(1250) if i % 3 == 0]
+
+
 def test_an_absent_table_reads_empty(tmp_path: Path) -> None:
     got = delta.read(tmp_path / "none", SCHEMA, columns=["study"], where={"study": "s1"})
     assert got.num_rows == 0 and got.column_names == ["study"]
