@@ -125,10 +125,13 @@ def append(
     """
     ensure_table(uri, schema)
     data = conform(data, schema)
-    if sort_by:
-        data = data.sort_by([(c, "ascending") for c in sort_by])
     if not data.num_rows:
         return
+    if sort_by:
+        order = pc.sort_indices(data, sort_keys=[(c, "ascending") for c in sort_by])
+        # Rows that come sorted (silver's, from pick_latest) are not copied again.
+        if not pc.all(pc.equal(order, pa.array(range(data.num_rows), order.type))).as_py():
+            data = data.take(order)
     if row_group_rows:
         # Compression named: delta-rs writes uncompressed when given properties
         # without it (silver's JSON took 7x the bytes). Small write batches close
@@ -211,8 +214,12 @@ def upsert(
         held = read_in(uri, schema, first, lookup, columns=list(keys))
         known = set(zip(*(held.column(k).to_pylist() for k in keys), strict=True))
         source_keys = zip(*(source.column(k).to_pylist() for k in keys), strict=True)
-        is_new = pa.array([k not in known for k in source_keys], pa.bool_())
-        fresh, seen = source.filter(is_new), source.filter(pc.invert(is_new))
+        flags = [k not in known for k in source_keys]
+        if all(flags) or not any(flags):  # a whole new day, or a re-run: no copy of the rows
+            fresh, seen = (source, source.slice(0, 0)) if all(flags) else (source.slice(0, 0), source)
+        else:
+            is_new = pa.array(flags, pa.bool_())
+            fresh, seen = source.filter(is_new), source.filter(pc.invert(is_new))
         if fresh.num_rows:
             append(uri, fresh, schema, sort_by=sort_by, row_group_rows=row_group_rows)
             out["num_target_rows_inserted"] += fresh.num_rows

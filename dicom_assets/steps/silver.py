@@ -56,19 +56,26 @@ def touched_studies(paths: LakePaths, day: str) -> list[tuple[str, str]]:
 
 def pick_latest(rows: pa.Table) -> pa.Table:
     """One row per instance key, chosen as :data:`NEWER_ORDER` chooses: later ``sourceModifiedAt``,
-    then larger ``contentSha256``, then smaller ``originalPath``."""
+    then larger ``contentSha256``, then smaller ``originalPath``; in instance key order.
+
+    The choice works on row indices and the key columns: the rows themselves
+    (each with its DICOM JSON) are copied once, not once per ordering.
+    """
     if rows.num_rows == 0:
         return rows
+    key = ["studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "sourceSystem"]
     # filePath last: a fixed choice among rows that NEWER_ORDER cannot tell apart.
-    order = rows.sort_by([*NEWER_ORDER, ("filePath", "ascending")])
-    keys = zip(*(order.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "sourceSystem")), strict=False)
+    newest_first = pc.sort_indices(rows, sort_keys=[*NEWER_ORDER, ("filePath", "ascending")])
+    keys = rows.select(key).take(newest_first)
     seen: set[tuple[Any, ...]] = set()
     keep: list[int] = []
-    for i, k in enumerate(keys):
+    for i, k in enumerate(zip(*(keys.column(c).to_pylist() for c in key), strict=True)):
         if k not in seen:
             seen.add(k)
             keep.append(i)
-    return order.take(pa.array(keep, pa.int64()))
+    chosen = newest_first.take(pa.array(keep, pa.int64()))
+    by_key = pc.sort_indices(keys.take(pa.array(keep, pa.int64())), sort_keys=[(c, "ascending") for c in key])
+    return rows.take(chosen.take(by_key))
 
 
 def to_silver(bronze: pa.Table, now: datetime) -> pa.Table:
