@@ -23,12 +23,12 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, WriterProperties, write_deltalake
+from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from dicom_assets.lake import rowgroups, snapshots
 from dicom_assets.lake.fileops import crash_point, shared_thread_pool
-from dicom_assets.lake.parts import STATS_COLUMNS, WRITE_BATCH_ROWS
+from dicom_assets.lake.parts import NO_DICTIONARY, STATS_COLUMNS, WRITE_BATCH_ROWS
 from dicom_assets.lake.schemas import conform
 
 if TYPE_CHECKING:
@@ -132,15 +132,15 @@ def append(
         # Rows that come sorted (silver's, from pick_latest) are not copied again.
         if not pc.all(pc.equal(order, pa.array(range(data.num_rows), order.type))).as_py():
             data = data.take(order)
-    if row_group_rows:
-        # Compression named: delta-rs writes uncompressed when given properties
-        # without it (silver's JSON took 7x the bytes). Small write batches close
-        # a wide column's pages near 1 MB, not after 1,024 rows (7 MB of JSON),
-        # so a reader that streams a batch at a time holds one small page.
-        props = WriterProperties(max_row_group_size=row_group_rows, compression="SNAPPY", write_batch_size=WRITE_BATCH_ROWS)
-        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append", writer_properties=props))
-    else:
-        _commit(uri, lambda: write_deltalake(str(uri), data, mode="append"))
+    # Compression named: delta-rs writes uncompressed when given properties
+    # without it (silver's JSON took 7x the bytes). Small write batches close
+    # a wide column's pages near 1 MB, not after 1,024 rows (7 MB of JSON),
+    # so a reader that streams a batch at a time holds one small page.
+    props = WriterProperties(
+        max_row_group_size=row_group_rows, compression="SNAPPY", write_batch_size=WRITE_BATCH_ROWS,
+        column_properties={c: ColumnProperties(dictionary_enabled=False) for c in NO_DICTIONARY if c in schema.names},
+    )
+    _commit(uri, lambda: write_deltalake(str(uri), data, mode="append", writer_properties=props))
 
 
 def merge(

@@ -36,6 +36,21 @@ STATS_COLUMNS: dict[str, str] = {
 }
 
 
+#: Columns written without dictionary encoding: a value per instance or per
+#: file (UIDs of instances, paths, hashes, DICOM and FHIR JSON). Their
+#: dictionary holds every value of the row group (up to 1 MB, then the writer
+#: falls back to plain anyway), and a reader streaming the file keeps it
+#: decoded: a silver file read 128 rows at a time held 5.4 MB, 3.4 MB without.
+NO_DICTIONARY = frozenset(
+    {"metadata_string", "sopInstanceUid", "contentSha256", "filePath", "originalPath", "msftFilePath", "fhirContent", "series_string"}
+)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns of ``schema`` written with dictionary encoding (all but :data:`NO_DICTIONARY`)."""
+    return [n for n in schema.names if n not in NO_DICTIONARY]
+
+
 #: Rows a Parquet writer takes at a time. A page is closed only between
 #: batches, so with the writers' default (1,024) a page of DICOM JSON held
 #: about 7 MB; at 128 rows it is near the 1 MB page size, and a reader that
@@ -79,7 +94,10 @@ def write_part_pieces(
     nulls_only = {f.name: 0 for f in counted if not _has_minmax(f.type)}
     kept: list[pa.Table] = []
     with open(path, "wb") as fh:
-        with pq.ParquetWriter(fh, schema, compression="snappy", write_statistics=True, write_batch_size=WRITE_BATCH_ROWS) as writer:
+        with pq.ParquetWriter(
+            fh, schema, compression="snappy", write_statistics=True, write_batch_size=WRITE_BATCH_ROWS,
+            use_dictionary=dictionary_columns(schema),
+        ) as writer:
             for piece in pieces:
                 writer.write_table(piece, row_group_size=row_group_rows)
                 kept.append(piece.select(extremes))

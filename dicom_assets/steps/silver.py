@@ -197,8 +197,10 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
         )
         inserted += metrics["num_target_rows_inserted"]
         updated += metrics["num_target_rows_updated"]
+        # Dropped now, not when the next chunk rebinds them: they would sit
+        # beside that chunk while it is read (80 MB for 5,000 instances).
+        del bronze, silver
     if rounds > 1 and rounds % CLUSTER_ROUNDS != 1:  # a last group of one round is one sorted file already
-        del bronze, silver  # the last round's rows, not needed while clustering
         _cluster_since(paths, before)
     return SilverResult(bronze_rows=bronze_rows, instances=len(keys), inserted=inserted, updated=updated, studies=sorted(studies))
 

@@ -71,3 +71,24 @@ def test_streamed_part_statistics_cover_every_piece_as_delta_rs_counts_them(tmp_
     assert ours["nullCount"] == {c: theirs[f"null_count.{c}"] for c in ("id", "n", "json")} == {"id": 0, "n": 8, "json": 10}
     assert ours["minValues"] == {c: theirs[f"min.{c}"] for c in ("id", "n")} == {"id": "id000", "n": -9}
     assert ours["maxValues"] == {c: theirs[f"max.{c}"] for c in ("id", "n")} == {"id": "id029", "n": 19}
+
+
+def test_per_instance_columns_are_written_without_a_dictionary(tmp_path: Path) -> None:
+    """Both writers (ours and delta-rs's appends) leave dictionaries to the columns that repeat."""
+    from dicom_assets.lake import delta
+    from dicom_assets.lake.schemas import SILVER_METASTORE_SCHEMA
+
+    rows = pa.Table.from_pylist(
+        [{"studyInstanceUid": "1.2.3", "sopInstanceUid": f"1.2.3.{i}", "metadata_string": json.dumps({"i": i}), "msftSourceSystem": "ns"}
+         for i in range(50)],
+        schema=SILVER_METASTORE_SCHEMA,
+    )
+    rec = parts.write_part_file(tmp_path / "ours", rows)
+    delta.append(tmp_path / "theirs", rows, SILVER_METASTORE_SCHEMA, row_group_rows=20)
+    (theirs,) = DeltaTable(str(tmp_path / "theirs")).file_uris()
+    for path in (str(tmp_path / "ours" / rec["path"]), theirs):
+        rg = pq.read_metadata(path).row_group(0)
+        encodings = {rg.column(j).path_in_schema: rg.column(j).encodings for j in range(rg.num_columns)}
+        assert not any("DICTIONARY" in e for c in ("sopInstanceUid", "metadata_string") for e in encodings[c]), path
+        assert any("DICTIONARY" in e for e in encodings["studyInstanceUid"]), path
+    assert pq.read_table(theirs).sort_by("sopInstanceUid").equals(rows.sort_by("sopInstanceUid"))
