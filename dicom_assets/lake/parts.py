@@ -78,9 +78,11 @@ def write_part_pieces(
 ) -> dict[str, Any]:
     """:func:`write_part_file` of the rows of ``pieces`` (each with ``schema``), written as they come.
 
-    Only the statistics columns of the pieces are kept until the file is
-    closed, so a file far larger than memory allows can be written a row
-    group at a time (:mod:`dicom_assets.lake.cluster`).
+    Of the pieces only the columns whose extremes go into the statistics are
+    kept until the file is closed (the others' nulls are counted as they
+    pass), so a file far larger than memory allows can be written a row
+    group at a time (:mod:`dicom_assets.lake.cluster`, the bronze
+    ImagingStudy day).
     """
     folder = Path(table_dir)
     folder.mkdir(parents=True, exist_ok=True)
