@@ -373,10 +373,11 @@ def summarize(points: list[dict[str, Any]], *, limit_mb: float = 1024.0) -> dict
         })
     out: dict[str, Any] = {"points": rows, "limit_mb": limit_mb}
     if len(rows) >= 2 and rows[0]["peak_rss_tree_mb"] and rows[-1]["peak_rss_tree_mb"]:
-        out["growth_whole_run"] = round(rows[-1]["peak_rss_tree_mb"] / rows[0]["peak_rss_tree_mb"], 2)
+        # Three decimals: a target of x1.25 must not be met by rounding 1.2507 down.
+        out["growth_whole_run"] = round(rows[-1]["peak_rss_tree_mb"] / rows[0]["peak_rss_tree_mb"], 3)
         if rows[0]["extraction_peak_rss_tree_mb"] and rows[-1]["extraction_peak_rss_tree_mb"]:
             out["growth_extraction"] = round(
-                rows[-1]["extraction_peak_rss_tree_mb"] / rows[0]["extraction_peak_rss_tree_mb"], 2
+                rows[-1]["extraction_peak_rss_tree_mb"] / rows[0]["extraction_peak_rss_tree_mb"], 3
             )
         out["files_ratio"] = round(rows[-1]["instances"] / rows[0]["instances"], 1)
     return out
