@@ -13,7 +13,7 @@ import dagster as dg
 from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
 from dicom_assets.defs.sensors import all_assets_job
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, delta_read
 from dicom_assets.lake.fileops import count_files
 from dicom_assets.lake.paths import TABLES, LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
@@ -116,7 +116,7 @@ def summarize(settings: Settings, day: str, *, success: bool = True, seconds: fl
     for name in ("dicomimagingmetastore", "dicom_failures"):
         uri = paths.table_uri(name)
         part[name] = (
-            delta.read_day(uri, TABLE_SCHEMAS[name], day, columns=["ingestDate"]).num_rows
+            delta_read.read_day(uri, TABLE_SCHEMAS[name], day, columns=["ingestDate"]).num_rows
             if delta.exists(uri)
             else 0
         )

@@ -7,7 +7,7 @@ import dagster as dg
 
 from dicom_assets.defs.metadata import table_metadata
 from dicom_assets.defs.partitions import daily_partitions
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 from dicom_assets.settings import DicomAssetsSettings
 from dicom_assets.steps import bronze
@@ -55,7 +55,7 @@ def dicomimagingmetastore(
         kwargs["spark"] = pyspark.spark_session
     result = bronze.extract_metastore(paths, s, context.partition_key, **kwargs)
     context.log.info(f"{result.rows} rows, {result.failed} failed files, engine {result.engine}, {result.seconds:.1f}s")
-    preview = delta.read_day(
+    preview = delta_read.read_day(
         paths.table_uri("dicomimagingmetastore"),
         METASTORE_SCHEMA,
         context.partition_key,

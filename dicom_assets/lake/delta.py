@@ -5,6 +5,8 @@ a predicate, Delta's replaceWhere) and silver/gold tables are *merged* on their
 keys, so re-running a step converges on the same rows. Concurrent writers to
 the same table (two partitions materialising at once) can conflict at commit
 time; delta-rs then raises ``CommitFailedError`` and we retry with backoff.
+Reads are in :mod:`dicom_assets.lake.delta_read`, commits of part files
+written elsewhere in :mod:`dicom_assets.lake.delta_commit`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from dicom_assets.lake import rowgroups, snapshots
-from dicom_assets.lake.fileops import crash_point, shared_thread_pool
+from dicom_assets.lake import delta_read, snapshots
+from dicom_assets.lake.fileops import crash_point
 from dicom_assets.lake.parts import NO_DICTIONARY, STATS_COLUMNS, WRITE_BATCH_ROWS
 from dicom_assets.lake.schemas import conform
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from dicom_assets.lake.rewrite import Rule
 
 T = TypeVar("T")
-#: Values a ``where`` filter compares with: strings (UIDs, days) and integers (OMOP ids).
-Scalar = str | int
 
 #: Retries of a conflicting commit; waits grow to about 10 s in total.
 COMMIT_RETRIES = 12
@@ -120,7 +118,7 @@ def append(
 ) -> None:
     """Append ``data`` in one commit, optionally sorted and cut into row groups of ``row_group_rows``.
 
-    Sorted small row groups let :func:`read` fetch the rows of a few keys
+    Sorted small row groups let :func:`~dicom_assets.lake.delta_read.read` fetch the rows of a few keys
     (say, the instances of the touched studies) without decoding the rest.
     """
     ensure_table(uri, schema)
@@ -211,7 +209,7 @@ def upsert(
     first = keys[0]
     with lock():
         lookup = pc.unique(source.column(first)).drop_null().to_pylist()
-        held = read_in(uri, schema, first, lookup, columns=list(keys))
+        held = delta_read.read_in(uri, schema, first, lookup, columns=list(keys))
         known = set(zip(*(held.column(k).to_pylist() for k in keys), strict=True))
         source_keys = zip(*(source.column(k).to_pylist() for k in keys), strict=True)
         flags = [k not in known for k in source_keys]
@@ -240,147 +238,6 @@ def upsert(
 def delete_where(uri: str | Path, predicate: str) -> None:
     if exists(uri):
         with_commit_retry(lambda: DeltaTable(str(uri)).delete(predicate))
-
-
-def read(
-    uri: str | Path,
-    schema: pa.Schema | None = None,
-    *,
-    columns: Sequence[str] | None = None,
-    where: Mapping[str, Scalar | Sequence[Scalar]] | None = None,
-) -> pa.Table:
-    """Read (part of) a table; an absent table reads as empty with ``schema``.
-
-    ``where`` maps a column to a value or a list of values. delta-rs first
-    skips files whose min/max statistics rule them out (a day's rows are read
-    without scanning the whole table), then, per remaining file, only the
-    ``where`` columns are read to find the matching rows, and the other
-    columns only of the row groups that hold a match: the instances of one
-    study are read from a 100,000-instance table without decoding the others'
-    ``metadata_string``.
-    """
-    parts = [t for t in iter_read(uri, schema, columns=columns, where=where) if t.num_rows]
-    if parts:
-        return pa.concat_tables(parts)
-    full = schema if schema is not None else pa.schema(snapshots.latest(uri).schema().to_arrow())
-    return full.empty_table().select(list(columns)) if columns else full.empty_table()
-
-
-def iter_read(
-    uri: str | Path,
-    schema: pa.Schema | None = None,
-    *,
-    columns: Sequence[str] | None = None,
-    where: Mapping[str, Scalar | Sequence[Scalar]] | None = None,
-    batch_rows: int | None = None,
-) -> Iterator[pa.Table]:
-    """:func:`read`, one table per data file, so a caller can bound its memory.
-
-    With ``batch_rows``, tables of at most that many rows instead, each file
-    streamed a batch at a time (:func:`rowgroups.iter_matching`): memory then
-    holds one batch, not one file.
-    """
-    try:
-        dt = snapshots.latest(uri)
-    except TableNotFoundError:
-        if schema is None:
-            raise
-        return
-    full = pa.schema(dt.schema().to_arrow()) if schema is None else schema
-    target = pa.schema([full.field(c) for c in columns]) if columns else full
-    wanted = {c: [v] if isinstance(v, str | int) else list(v) for c, v in (where or {}).items()}
-    prune = " AND ".join(
-        f"`{c}` = {sql_literal(v[0])}" if len(v) == 1 else f"`{c}` IN ({', '.join(sql_literal(x) for x in v)})"
-        for c, v in wanted.items()
-    )
-    # delta-rs's own dataset and its merge-written files use string_view, which
-    # pyarrow cannot compare with string literals; reading each pruned file,
-    # casting to the declared schema and filtering afterwards is exact and safe.
-    files = dt.file_uris(file_pruning_predicate=prune) if prune else dt.file_uris()
-    if not files:
-        return
-    sets = {c: pa.array(v, full.field(c).type) for c, v in wanted.items()}
-    ordered = rowgroups.sorted_values(sets)
-    if batch_rows:
-        for f in files:
-            yield from rowgroups.iter_matching(f, sets, full, target, ordered, batch_rows)
-        return
-    adds = pa.table(dt.get_add_actions(flatten=True))
-    whole = _wholly_matching(adds, wanted, full) if wanted else set()
-
-    def load(f: str) -> pa.Table | None:
-        if not sets or os.path.basename(f) in whole:
-            return conform(pq.read_table(f, columns=target.names), target)
-        return rowgroups.matching_rows(f, sets, full, target, ordered)
-
-    sizes = dict(zip((os.path.basename(unquote(p)) for p in adds.column("path").to_pylist()), adds.column("size_bytes").to_pylist(), strict=True))
-    if len(files) > 1 and all(sizes.get(os.path.basename(f), READ_AHEAD_MAX_BYTES + 1) <= READ_AHEAD_MAX_BYTES for f in files):
-        # Many small files (a day of extraction parts): pyarrow decodes
-        # without the GIL, so a few read at once; order and memory stay bounded.
-        pool = shared_thread_pool("delta-read", READ_AHEAD)
-        ahead: deque[Future[pa.Table | None]] = deque()
-        for f in files:
-            ahead.append(pool.submit(load, f))
-            if len(ahead) > READ_AHEAD:
-                t = ahead.popleft().result()
-                if t is not None:
-                    yield t
-        while ahead:
-            t = ahead.popleft().result()
-            if t is not None:
-                yield t
-        return
-    for f in files:
-        t = load(f)
-        if t is not None:
-            yield t
-
-
-#: Data files up to this size are read :data:`READ_AHEAD` at a time by :func:`iter_read`.
-READ_AHEAD_MAX_BYTES = 4 << 20
-READ_AHEAD = 4
-
-
-#: delta-rs cuts string statistics to this many characters; a value this long
-#: might equal a truncated bound without equalling the rows.
-_STATS_PREFIX = 32
-
-
-def _wholly_matching(adds: pa.Table, wanted: Mapping[str, list[Any]], full: pa.Schema) -> set[str]:
-    """Names of data files every row of which matches ``wanted``, by the log's statistics.
-
-    A file qualifies when, for each column, its min equals its max, that value
-    is wanted and it has no nulls (a day's extraction part files, for the
-    ``ingestDate`` of that day). Such a file is read whole, without first
-    reading its key columns to find the rows.
-    """
-    if any(isinstance(v, str) and len(v) >= _STATS_PREFIX for vals in wanted.values() for v in vals):
-        return set()
-    if adds.num_rows == 0 or any(f"min.{c}" not in adds.column_names for c in wanted):
-        return set()
-    ok = None
-    for c, vals in wanted.items():
-        typ = full.field(c).type
-        lo, hi = adds.column(f"min.{c}").cast(typ), adds.column(f"max.{c}").cast(typ)
-        nulls = adds.column(f"null_count.{c}") if f"null_count.{c}" in adds.column_names else pa.nulls(adds.num_rows, pa.int64())
-        m = pc.and_(pc.and_(pc.equal(lo, hi), pc.is_in(lo, value_set=pa.array(vals, typ))), pc.equal(nulls, 0))
-        ok = m if ok is None else pc.and_(ok, m)
-    assert ok is not None
-    hits = pc.fill_null(ok, False).to_pylist()
-    return {os.path.basename(unquote(p)) for p, hit in zip(adds.column("path").to_pylist(), hits, strict=True) if hit}
-
-
-def read_day(uri: str | Path, schema: pa.Schema, day: str, *, columns: Sequence[str] | None = None) -> pa.Table:
-    """The rows of one partition day (``ingestDate``)."""
-    return read(uri, schema, columns=columns, where={"ingestDate": day})
-
-
-def read_in(uri: str | Path, schema: pa.Schema, column: str, values: Sequence[Scalar], *, columns: Sequence[str] | None = None) -> pa.Table:
-    """Rows whose ``column`` is one of ``values`` (e.g. every instance of the touched studies)."""
-    if not values:
-        empty = schema.empty_table()
-        return empty.select(list(columns)) if columns else empty
-    return read(uri, schema, columns=columns, where={column: list(values)})
 
 
 def live_files(uri: str | Path) -> set[str]:
@@ -450,12 +307,3 @@ def column_max(uri: str | Path, column: str) -> int | None:
             if hi is not None:
                 best = int(hi) if best is None else max(best, int(hi))
     return best
-
-
-def sql_literal(value: Scalar) -> str:
-    """Quote ``value`` for a delta-rs SQL predicate (integers as numbers)."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise TypeError(f"unsupported literal {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    return "'" + value.replace("'", "''") + "'"

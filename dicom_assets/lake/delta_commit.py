@@ -50,7 +50,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from dicom_assets.lake import delta, parts, snapshots
+from dicom_assets.lake import delta, delta_read, parts, snapshots
 from dicom_assets.lake.fileops import crash_point
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def commit_replace(
         if _day_state(folder / unquote(add.path), add.stats, column, day) != _ALL:
             raise ValueError(f"part {add.path} holds rows whose {column} is not {day!r}")
     delta.ensure_table(uri_s, schema)
-    predicate = f"{column} = {delta.sql_literal(day)}"
+    predicate = f"{column} = {delta_read.sql_literal(day)}"
 
     def attempt() -> None:
         # The cached snapshot, brought up to date: a fresh open replays the

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from dicom_assets.lake import delta, delta_commit, parts, rowgroups, snapshots
+from dicom_assets.lake import delta, delta_commit, delta_read, parts, rowgroups, snapshots
 from dicom_assets.lake.fileops import crash_point
 from dicom_assets.lake.schemas import conform
 
@@ -126,7 +126,7 @@ def update_matched(
         dt = snapshots.latest(str(uri))
         delta_commit.check_table(dt, schema)
         by_name = delta.files_by_name(dt)
-        prune = f"`{keys[0]}` IN ({', '.join(delta.sql_literal(v) for v in first)})"
+        prune = f"`{keys[0]}` IN ({', '.join(delta_read.sql_literal(v) for v in first)})"
         written: list[AddAction] = []
         removes: list[RemoveAction] = []
         replaced = 0

@@ -15,7 +15,7 @@ from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines import local
 from dicom_assets.engines.base import ExtractionOutcome
-from dicom_assets.lake import cluster, delta, delta_commit, external, failures, fileops, organise
+from dicom_assets.lake import cluster, delta, delta_commit, delta_read, external, failures, fileops, organise
 from dicom_assets.lake.fileops import crash_point
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
@@ -222,5 +222,5 @@ def write_failures(paths: LakePaths, day: str) -> int:
     """
     rows = [ff.as_row() for ff in failures.list_failed(paths, day)]
     table = pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA) if rows else FAILURES_SCHEMA.empty_table()
-    delta.replace_where(paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta.sql_literal(day)}")
+    delta.replace_where(paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta_read.sql_literal(day)}")
     return table.num_rows

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from dicom_assets.fhir import mapping, ndjson, validate
 from dicom_assets.fhir.flatten import bronze_row, flatten_imaging_study
-from dicom_assets.lake import delta, delta_commit, parts, rewrite
+from dicom_assets.lake import delta, delta_commit, delta_read, parts, rewrite
 from dicom_assets.lake.arrow_memory import release_unused_memory
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
@@ -208,7 +208,7 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
     now = now or datetime.now(UTC)
     studies = inserted = updated = 0
     bronze_uri = paths.table_uri("bronze_ImagingStudy")
-    for bronze in delta.iter_read(bronze_uri, BRONZE_IMAGINGSTUDY_SCHEMA, where={"ingestDate": day}, batch_rows=STUDIES_PER_ROUND):
+    for bronze in delta_read.iter_read(bronze_uri, BRONZE_IMAGINGSTUDY_SCHEMA, where={"ingestDate": day}, batch_rows=STUDIES_PER_ROUND):
         # Parsed resources are ~10x their JSON in Python objects: parse and
         # flatten STUDIES_PER_READ at a time, so only the Arrow tables grow.
         pieces = [SILVER_IMAGINGSTUDY_SCHEMA.empty_table()]

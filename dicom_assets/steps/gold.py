@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from dicom_assets.config import Settings
 from dicom_assets.fhir.identity import imaging_study_id
-from dicom_assets.lake import delta, rewrite
+from dicom_assets.lake import delta, delta_read, rewrite
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import (
@@ -59,7 +59,7 @@ def _map_rows(paths: LakePaths, kind: str, column: str, values: Iterable[str | i
     order, so the ids of a few studies sit in a few files whatever the map's size.
     """
     wanted = sorted({v for v in values if v is not None})  # type: ignore[type-var]
-    return delta.read_in(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, column, wanted, columns=["key", "id"])
+    return delta_read.read_in(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, column, wanted, columns=["key", "id"])
 
 
 def ensure_ids(paths: LakePaths, wanted: Mapping[str, Iterable[str]], now: datetime) -> tuple[idmap.IdLookup, dict[str, int]]:
@@ -163,7 +163,7 @@ def _build_round(
     paths: LakePaths, settings: Settings, studies: list[tuple[str, str]], concepts: ConceptResolver, now: datetime
 ) -> GoldResult:
     uids = sorted({u for _ns, u in studies})
-    st = delta.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids, columns=STUDY_COLUMNS)
+    st = delta_read.read_in(paths.table_uri("silver_ImagingStudy"), SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", uids, columns=STUDY_COLUMNS)
     wanted_pairs = set(studies)
     study_rows = [r for r in st.to_pylist() if (r["msftSourceSystem"], r["studyInstanceUid"]) in wanted_pairs]
     del st
@@ -250,8 +250,8 @@ def _partition_rows(
     ImagingStudy id), not by reading the table whole.
     """
     if study_ids is None:
-        return delta.read(paths.table_uri(table), schema, columns=columns)
-    return delta.read_in(paths.table_uri(table), schema, "msftSourceRecordId", study_ids, columns=columns)
+        return delta_read.read(paths.table_uri(table), schema, columns=columns)
+    return delta_read.read_in(paths.table_uri(table), schema, "msftSourceRecordId", study_ids, columns=columns)
 
 
 def _duplicates(paths: LakePaths, table: str, schema: pa.Schema, column: str, rows: pa.Table, whole: bool) -> int:
@@ -259,15 +259,15 @@ def _duplicates(paths: LakePaths, table: str, schema: pa.Schema, column: str, ro
     ids = _ids(rows, column)
     if whole:
         return len(ids) - len(set(ids))
-    held = delta.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column])
+    held = delta_read.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column])
     return held.num_rows - len(set(ids))
 
 
 def _known_ids(paths: LakePaths, table: str, schema: pa.Schema, column: str, ids: Iterable[int], whole: bool) -> set[int]:
     """Which of ``ids`` the table's ``column`` holds (the whole column when ``whole``)."""
     if whole:
-        return set(_ids(delta.read(paths.table_uri(table), schema, columns=[column]), column))
-    return set(_ids(delta.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column]), column))
+        return set(_ids(delta_read.read(paths.table_uri(table), schema, columns=[column]), column))
+    return set(_ids(delta_read.read_in(paths.table_uri(table), schema, column, sorted(set(ids)), columns=[column]), column))
 
 
 def check_image_occurrence(paths: LakePaths, day: str | None = None) -> tuple[bool, dict[str, Any]]:
@@ -327,7 +327,7 @@ def check_idmaps_stable(paths: LakePaths, day: str | None = None) -> tuple[bool,
     ok = True
     for kind in IDMAPS:
         if day is None:
-            by_id = by_key = delta.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
+            by_id = by_key = delta_read.read(paths.table_uri(f"_idmap_{kind}"), IDMAP_SCHEMA, columns=["key", "id"])
         else:
             by_id = _map_rows(paths, kind, "id", used[kind])
             by_key = _map_rows(paths, kind, "key", _ids(by_id, "key"))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dicom_assets.fhir.identity import imaging_study_id
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.fileops import count_files
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import (
@@ -34,8 +34,8 @@ def _day(day: str) -> pc.Expression:
 
 def metastore_reconciles(paths: LakePaths, day: str) -> Result:
     """Files in the day's Process folders = metastore rows from Process; Failed files = failure rows."""
-    rows = delta.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["filePath"])
-    fails = delta.read_day(paths.table_uri("dicom_failures"), FAILURES_SCHEMA, day, columns=["filePath"])
+    rows = delta_read.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["filePath"])
+    fails = delta_read.read_day(paths.table_uri("dicom_failures"), FAILURES_SCHEMA, day, columns=["filePath"])
     process_files = 0
     failed_files = 0
     if paths.process_root.exists():
@@ -62,7 +62,7 @@ def metastore_reconciles(paths: LakePaths, day: str) -> Result:
 
 def metastore_unique(paths: LakePaths, day: str) -> Result:
     """One row per file in the partition, and every row has a SOP Instance UID."""
-    t = delta.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["filePath", "sopInstanceUid"])
+    t = delta_read.read_day(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["filePath", "sopInstanceUid"])
     dup = sum(c - 1 for c in Counter(t.column("filePath").to_pylist()).values() if c > 1)
     missing = t.column("sopInstanceUid").null_count
     return dup == 0 and missing == 0, {"rows": t.num_rows, "duplicate_file_rows": dup, "rows_without_sop_uid": missing}
@@ -78,10 +78,10 @@ def silver_instances_unique(paths: LakePaths, day: str | None = None) -> Result:
     cols = ["studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem"]
     uri = paths.table_uri("ImagingMetastore")
     if day is None:
-        t = delta.read(uri, SILVER_METASTORE_SCHEMA, columns=cols)
+        t = delta_read.read(uri, SILVER_METASTORE_SCHEMA, columns=cols)
     else:
         uids = sorted({uid for _ns, uid in touched_studies(paths, day)})
-        t = delta.read_in(uri, SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=cols)
+        t = delta_read.read_in(uri, SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=cols)
     keys = Counter(zip(*(t.column(c).to_pylist() for c in cols), strict=False))
     dup = sum(c - 1 for c in keys.values() if c > 1)
     return dup == 0, {"instances": t.num_rows, "duplicate_keys": dup}
@@ -106,8 +106,8 @@ def silver_studies_consistent(paths: LakePaths, day: str | None = None) -> Resul
     """
     study_uri, inst_uri = paths.table_uri("silver_ImagingStudy"), paths.table_uri("ImagingMetastore")
     if day is None:
-        st = delta.read(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, columns=_STUDY_COLUMNS)
-        inst = delta.read(inst_uri, SILVER_METASTORE_SCHEMA, columns=_INSTANCE_COLUMNS)
+        st = delta_read.read(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, columns=_STUDY_COLUMNS)
+        inst = delta_read.read(inst_uri, SILVER_METASTORE_SCHEMA, columns=_INSTANCE_COLUMNS)
         found = _StudyFacts()
         found.add(st, inst)
         return found.result()
@@ -117,8 +117,8 @@ def silver_studies_consistent(paths: LakePaths, day: str | None = None) -> Resul
     found = _StudyFacts()
     for start in range(0, len(uids), STUDIES_PER_CHECK):
         group = uids[start : start + STUDIES_PER_CHECK]
-        st = delta.read_in(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", group, columns=_STUDY_COLUMNS)
-        inst = delta.read_in(inst_uri, SILVER_METASTORE_SCHEMA, "studyInstanceUid", group, columns=_INSTANCE_COLUMNS)
+        st = delta_read.read_in(study_uri, SILVER_IMAGINGSTUDY_SCHEMA, "studyInstanceUid", group, columns=_STUDY_COLUMNS)
+        inst = delta_read.read_in(inst_uri, SILVER_METASTORE_SCHEMA, "studyInstanceUid", group, columns=_INSTANCE_COLUMNS)
         found.add(st.filter(pc.is_in(st.column("id"), value_set=wanted)), inst.filter(pc.is_in(inst.column("imagingStudyId"), value_set=wanted)))
     return found.result()
 

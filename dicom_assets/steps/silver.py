@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dicom_assets.fhir.identity import imaging_study_id
-from dicom_assets.lake import cluster, delta, rewrite
+from dicom_assets.lake import cluster, delta, delta_read, rewrite
 from dicom_assets.lake.locks import lake_lock
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import METASTORE_SCHEMA, SILVER_METASTORE_SCHEMA
@@ -47,7 +47,7 @@ def day_filter(day: str) -> pc.Expression:
 
 def touched_studies(paths: LakePaths, day: str) -> list[tuple[str, str]]:
     """(namespace, StudyInstanceUID) of every study with a bronze row in ``day``."""
-    t = delta.read_day(
+    t = delta_read.read_day(
         paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, day, columns=["sourceSystem", "studyInstanceUid"]
     )
     pairs = {(ns, uid) for ns, uid in zip(t.column("sourceSystem").to_pylist(), t.column("studyInstanceUid").to_pylist(), strict=False) if uid}
@@ -121,7 +121,7 @@ def _chunks(paths: LakePaths, day: str) -> Iterator[pa.Table]:
     """The day's bronze rows, whole data files at a time, about :data:`CHUNK_ROWS` per chunk."""
     held: list[pa.Table] = []
     rows = 0
-    for part in delta.iter_read(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, where={"ingestDate": day}):
+    for part in delta_read.iter_read(paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, where={"ingestDate": day}):
         held.append(part)
         rows += part.num_rows
         if rows >= CHUNK_ROWS:
@@ -208,7 +208,7 @@ def merge_instances(paths: LakePaths, day: str, *, now: datetime | None = None) 
 def study_instances(paths: LakePaths, studies: list[tuple[str, str]], columns: list[str] | None = None) -> pa.Table:
     """Every silver instance of the given studies (all days), for whole-study rebuilds."""
     uids = sorted({uid for _ns, uid in studies})
-    t = delta.read_in(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=columns)
+    t = delta_read.read_in(paths.table_uri("ImagingMetastore"), SILVER_METASTORE_SCHEMA, "studyInstanceUid", uids, columns=columns)
     wanted = set(studies)
     if t.num_rows == 0:
         return t

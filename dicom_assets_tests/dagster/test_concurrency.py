@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 
 from dicom_assets.defs.partitions import today_key
 from dicom_assets.defs.sensors import daily_all_assets_schedule, ingest_folder_sensor
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, delta_read
 from dicom_assets.lake.paths import TABLES, LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.settings import DicomAssetsSettings
@@ -156,7 +156,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
         assert len(evals) == 7 and all(ok for _n, ok in evals), (rid, evals)
 
     # The lake is consistent: every table readable, every file once, no duplicate rows.
-    tables = {name: delta.read(lake.table_uri(name), TABLE_SCHEMAS[name]) for name in TABLES}
+    tables = {name: delta_read.read(lake.table_uri(name), TABLE_SCHEMAS[name]) for name in TABLES}
     process = [p for p in lake.process_root.rglob("*") if p.is_file()]
     assert len(process) == expected["files"] and not any(lake.ingest_root.rglob("*.dcm"))
     meta = tables["dicomimagingmetastore"]
@@ -186,7 +186,7 @@ def test_runs_of_one_partition_queue_and_tables_stay_consistent(tmp_path: Path, 
 WRITER = r"""
 import json, sys, time
 import pyarrow as pa
-from dicom_assets.lake import delta, delta_commit
+from dicom_assets.lake import delta, delta_commit, delta_read
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA, SILVER_METASTORE_SCHEMA
 
 root, day, go, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -220,7 +220,7 @@ for r in range(rounds):
     delta_commit.commit_replace(f"{root}/bronze/Tables/meta", METASTORE_SCHEMA,
                                 [delta_commit.write_part(f"{root}/bronze/Tables/meta", rows(METASTORE_SCHEMA, 3, r))], day)
     delta.replace_where(f"{root}/bronze/Tables/fail", rows(FAILURES_SCHEMA, 2, r), FAILURES_SCHEMA,
-                        f"ingestDate = {delta.sql_literal(day)}")
+                        f"ingestDate = {delta_read.sql_literal(day)}")
     delta.merge(f"{root}/silver/Tables/inst", rows(SILVER_METASTORE_SCHEMA, 3, r), SILVER_METASTORE_SCHEMA,
                 keys=["studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "msftSourceSystem"])
 print(json.dumps({"waits": waits, "start": start, "end": time.time()}))
@@ -250,15 +250,15 @@ def test_two_processes_writing_different_days_to_the_same_tables(tmp_path: Path)
     waits = sum(json.loads(out)["waits"] for out, _err in outs)
 
     last = rounds - 1
-    meta = delta.read(root / "bronze/Tables/meta", METASTORE_SCHEMA, columns=["ingestDate", "filePath"]).to_pylist()
+    meta = delta_read.read(root / "bronze/Tables/meta", METASTORE_SCHEMA, columns=["ingestDate", "filePath"]).to_pylist()
     assert sorted((r["ingestDate"], r["filePath"]) for r in meta) == sorted(
         (d, f"{d}/round{last}/{i}") for d in days for i in range(3)
     )
-    fail = delta.read(root / "bronze/Tables/fail", FAILURES_SCHEMA, columns=["ingestDate", "filePath"]).to_pylist()
+    fail = delta_read.read(root / "bronze/Tables/fail", FAILURES_SCHEMA, columns=["ingestDate", "filePath"]).to_pylist()
     assert sorted((r["ingestDate"], r["filePath"]) for r in fail) == sorted(
         (d, f"{d}/round{last}/{i}") for d in days for i in range(2)
     )
-    inst = delta.read(root / "silver/Tables/inst", SILVER_METASTORE_SCHEMA, columns=["sopInstanceUid", "fileSize"]).to_pylist()
+    inst = delta_read.read(root / "silver/Tables/inst", SILVER_METASTORE_SCHEMA, columns=["sopInstanceUid", "fileSize"]).to_pylist()
     assert sorted((r["sopInstanceUid"], r["fileSize"]) for r in inst) == sorted(
         (f"1.2.{d[-2:]}.1.{i}", last) for d in days for i in range(3)
     )

@@ -15,7 +15,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 
 from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.runner import materialize_partition
 
@@ -46,7 +46,7 @@ def test_external_files_are_read_in_place_once_and_again_when_changed(tmp_path: 
     day = today_key()
 
     assert materialize_partition(settings, partition=day, progress=False)["success"]
-    rows = delta.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
+    rows = delta_read.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
     assert sorted(r["sopInstanceUid"] for r in rows) == sorted(
         pydicom.dcmread(storage / "a" / n, stop_before_pixels=True).SOPInstanceUID for n in FILES
     )
@@ -56,7 +56,7 @@ def test_external_files_are_read_in_place_once_and_again_when_changed(tmp_path: 
 
     # Same files again: nothing new to read, same rows.
     assert materialize_partition(settings, partition=day, progress=False)["success"]
-    again = delta.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
+    again = delta_read.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
     assert sorted(r["contentSha256"] for r in again) == sorted(r["contentSha256"] for r in rows)
 
     # A changed file is read again.
@@ -65,10 +65,10 @@ def test_external_files_are_read_in_place_once_and_again_when_changed(tmp_path: 
     ds.save_as(storage / "a" / "CT_small.dcm")
     os.utime(storage / "a" / "CT_small.dcm", (old + 60, old + 60))
     assert materialize_partition(settings, partition=day, progress=False)["success"]
-    changed = delta.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
+    changed = delta_read.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
     ct = [r for r in changed if r["sopInstanceUid"] == ds.SOPInstanceUID]
     assert len(ct) == 1 and ct[0]["seriesDescription"] == "re-exported"
-    silver = delta.read(lake.table_uri("ImagingMetastore")).to_pylist()
+    silver = delta_read.read(lake.table_uri("ImagingMetastore")).to_pylist()
     assert [r["seriesDescription"] for r in silver if r["sopInstanceUid"] == ds.SOPInstanceUID] == ["re-exported"]
     assert len(_state(storage)) == len(before)
 
@@ -94,5 +94,5 @@ def test_ndjson_files_hold_valid_resources_and_are_rewritten_not_duplicated(tmp_
     snapshot = {f.name: f.read_bytes() for f in files}
     assert materialize_partition(settings, partition=day, progress=False)["success"]
     assert {f.name: f.read_bytes() for f in sorted(folder.glob("*"))} == snapshot
-    bronze = delta.read(lake.table_uri("bronze_ImagingStudy")).to_pylist()
+    bronze = delta_read.read(lake.table_uri("bronze_ImagingStudy")).to_pylist()
     assert len(bronze) == len(studies) and all(Path(r["filePath"]).parent == folder for r in bronze)

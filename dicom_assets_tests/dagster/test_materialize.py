@@ -14,7 +14,7 @@ from dicom_assets.config import Settings
 from dicom_assets.definitions import defs
 from dicom_assets.defs import sensors
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.runner import materialize_partition
 
@@ -53,32 +53,32 @@ def test_materialize_every_asset_then_rematerialize_is_idempotent(small_lake, tm
     assert first["success"]
     # The one-process run hands each step's freed heap back before the next step.
     assert len(released) == len(list(defs.assets or [])) + len(list(defs.asset_checks or []))
-    meta = delta.read(lake.table_uri("dicomimagingmetastore"))
+    meta = delta_read.read(lake.table_uri("dicomimagingmetastore"))
     expected = sorted(_read_uids(p) for p in srcs)
     got = sorted(zip(*(meta.column(c).to_pylist() for c in ("studyInstanceUid", "seriesInstanceUid", "sopInstanceUid")), strict=False))
     assert got == expected
-    fails = delta.read(lake.table_uri("dicom_failures"))
+    fails = delta_read.read(lake.table_uri("dicom_failures"))
     assert fails.num_rows == 1 and fails.column("originalPath").to_pylist()[0].endswith("broken.dcm")
     assert (lake.ingest_root / "clinic" / "README.txt").exists()
     # Every file was compressed after its read; paths in the table point at the zips.
     assert all(p.endswith(".zip") and Path(p).exists() for p in meta.column("filePath").to_pylist())
 
     studies = {u[0] for u in expected}
-    silver = delta.read(lake.table_uri("silver_ImagingStudy"))
+    silver = delta_read.read(lake.table_uri("silver_ImagingStudy"))
     assert sorted(silver.column("studyInstanceUid").to_pylist()) == sorted(studies)
-    io = delta.read(lake.table_uri("image_occurrence"))
+    io = delta_read.read(lake.table_uri("image_occurrence"))
     assert sorted(zip(io.column("image_study_uid").to_pylist(), io.column("image_series_uid").to_pylist(), strict=False)) == sorted({u[:2] for u in expected})
 
     snapshot = {
-        name: delta.read(lake.table_uri(name)).drop_columns(
-            [c for c in delta.read(lake.table_uri(name)).column_names if "Datetime" in c or c in ("lastUpdated",)]
-        ).sort_by([(delta.read(lake.table_uri(name)).column_names[0], "ascending")])
+        name: delta_read.read(lake.table_uri(name)).drop_columns(
+            [c for c in delta_read.read(lake.table_uri(name)).column_names if "Datetime" in c or c in ("lastUpdated",)]
+        ).sort_by([(delta_read.read(lake.table_uri(name)).column_names[0], "ascending")])
         for name in ("dicomimagingmetastore", "ImagingMetastore", "silver_ImagingStudy", "image_occurrence", "procedure_occurrence")
     }
     second = materialize_partition(settings, partition=DAY, progress=False, raise_on_error=True)
     assert second["success"]
     for name, before in snapshot.items():
-        after = delta.read(lake.table_uri(name))
+        after = delta_read.read(lake.table_uri(name))
         after = after.drop_columns([c for c in after.column_names if "Datetime" in c or c in ("lastUpdated",)])
         after = after.sort_by([(after.column_names[0], "ascending")])
         assert after.equals(before), name

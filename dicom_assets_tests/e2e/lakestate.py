@@ -36,7 +36,7 @@ from typing import Any
 
 from deltalake import DeltaTable
 
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, delta_read
 from dicom_assets.lake.paths import TABLES, LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 
@@ -73,7 +73,7 @@ def _without_last_updated(resource: dict[str, Any]) -> dict[str, Any]:
 def table_rows(paths: LakePaths, name: str) -> list[str]:
     """Every row of table ``name`` as canonical JSON, wall-clock columns dropped, sorted."""
     root = str(paths.root)
-    t = delta.read(paths.table_uri(name), TABLE_SCHEMAS[name])
+    t = delta_read.read(paths.table_uri(name), TABLE_SCHEMAS[name])
     out = []
     for row in t.to_pylist():
         row = {k: v for k, v in row.items() if k not in WALL_CLOCK_COLUMNS}

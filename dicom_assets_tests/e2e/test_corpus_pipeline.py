@@ -17,7 +17,7 @@ import pytest
 
 from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.runner import materialize_partition
 from dicom_assets_tests.conftest import corpus_or_skip, read_manifest
@@ -62,7 +62,7 @@ def test_run_succeeds(corpus_run: dict) -> None:
 def test_every_valid_manifest_row_is_a_metastore_row(corpus_run: dict) -> None:
     lake: LakePaths = corpus_run["lake"]
     valid = [r for r in corpus_run["manifest"] if r["valid_dicom"] == "yes"]
-    meta = delta.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
+    meta = delta_read.read(lake.table_uri("dicomimagingmetastore")).to_pylist()
     assert len(meta) == len(valid)
     # Match rows to manifest rows by original path (ZIP members: "<zip>!<member>").
     by_orig = {}
@@ -83,7 +83,7 @@ def test_every_valid_manifest_row_is_a_metastore_row(corpus_run: dict) -> None:
 def test_invalid_files_are_in_failed_and_failure_table(corpus_run: dict) -> None:
     lake: LakePaths = corpus_run["lake"]
     invalid = [r["path"] for r in corpus_run["manifest"] if r["valid_dicom"] == "no"]
-    fails = delta.read(lake.table_uri("dicom_failures")).to_pylist()
+    fails = delta_read.read(lake.table_uri("dicom_failures")).to_pylist()
     failed_orig = {f["originalPath"].split("/Ingest/Imaging/DICOM/corpus/", 1)[1] for f in fails}
     for path in invalid:
         if "!" in path:
@@ -148,7 +148,7 @@ def test_patient_names_decode_as_pydicom_does(corpus_run: dict) -> None:
 
     lake: LakePaths = corpus_run["lake"]
     corpus: Path = corpus_run["corpus"]
-    meta = delta.read(lake.table_uri("dicomimagingmetastore"), columns=["originalPath", "patientName"]).to_pylist()
+    meta = delta_read.read(lake.table_uri("dicomimagingmetastore"), columns=["originalPath", "patientName"]).to_pylist()
     by_orig = {r["originalPath"].split("/Ingest/Imaging/DICOM/corpus/", 1)[1]: r["patientName"] for r in meta}
     checked = 0
     for m in corpus_run["manifest"]:
@@ -169,7 +169,7 @@ def test_silver_and_gold_match_the_manifest(corpus_run: dict) -> None:
     lake: LakePaths = corpus_run["lake"]
     valid = [r for r in corpus_run["manifest"] if r["valid_dicom"] == "yes"]
     instances = {(r["study_instance_uid"], r["series_instance_uid"], r["sop_instance_uid"]) for r in valid}
-    silver = delta.read(lake.table_uri("ImagingMetastore")).to_pylist()
+    silver = delta_read.read(lake.table_uri("ImagingMetastore")).to_pylist()
     got = {(r["studyInstanceUid"], r["seriesInstanceUid"], r["sopInstanceUid"]) for r in silver}
     assert len(silver) == len(instances)
     assert got == instances
@@ -179,7 +179,7 @@ def test_silver_and_gold_match_the_manifest(corpus_run: dict) -> None:
         if st:
             studies[st].add(sop)
             series[(st, se)].add(sop)
-    st_rows = delta.read(lake.table_uri("silver_ImagingStudy")).to_pylist()
+    st_rows = delta_read.read(lake.table_uri("silver_ImagingStudy")).to_pylist()
     assert sorted(r["studyInstanceUid"] for r in st_rows) == sorted(studies)
     for r in st_rows:
         uid = r["studyInstanceUid"]
@@ -187,7 +187,7 @@ def test_silver_and_gold_match_the_manifest(corpus_run: dict) -> None:
         assert r["numberOfSeries"] == len({se for (s, se) in series if s == uid}), uid
         for s in r["series"]:
             assert s["numberOfInstances"] == len(series[(uid, s["uid"])]), (uid, s["uid"])
-    io = delta.read(lake.table_uri("image_occurrence")).to_pylist()
+    io = delta_read.read(lake.table_uri("image_occurrence")).to_pylist()
     assert sorted((r["image_study_uid"], r["image_series_uid"]) for r in io) == sorted(series)
     modality = {(r["study_instance_uid"], r["series_instance_uid"]): r["modality"] for r in valid}
     for r in io:

@@ -21,7 +21,7 @@ import pytest
 
 from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import IDMAP_SCHEMA, IMAGE_OCCURRENCE_SCHEMA
 from dicom_assets.runner import materialize_partition
@@ -65,7 +65,7 @@ def _expected(ingest: Path) -> dict:
 
 
 def _table(lake: LakePaths, name: str) -> list[dict]:
-    return delta.read(lake.table_uri(name)).to_pylist()
+    return delta_read.read(lake.table_uri(name)).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_partition_checks_find_duplicates_another_day_wrote(gold_lake: dict, tmp
     lake, day = LakePaths.of(tmp_path / "lake"), gold_lake["day"]
     checks = (gold.check_image_occurrence, gold.check_procedure_occurrence, gold.check_idmaps_stable)
     assert all(check(lake, day)[0] for check in checks)
-    io = delta.read(lake.table_uri("image_occurrence"), IMAGE_OCCURRENCE_SCHEMA)
+    io = delta_read.read(lake.table_uri("image_occurrence"), IMAGE_OCCURRENCE_SCHEMA)
     mine = io.filter(pc.is_in(io.column("image_study_uid"), value_set=pa.array(sorted(gold_lake["expected"]["patient_of_study"]))))
     row = mine.slice(0, 1)
     other = row.set_column(row.schema.get_field_index("msftSourceRecordId"), "msftSourceRecordId", pa.array(["0" * 64]))
@@ -133,7 +133,7 @@ def test_partition_checks_find_duplicates_another_day_wrote(gold_lake: dict, tmp
     ok, facts = gold.check_image_occurrence(lake, day)
     assert not ok and facts["duplicate_ids"] == 1
     person_id = row.column("person_id")[0].as_py()
-    persons = delta.read(lake.table_uri("_idmap_person"), IDMAP_SCHEMA)
+    persons = delta_read.read(lake.table_uri("_idmap_person"), IDMAP_SCHEMA)
     key = persons.filter(pc.equal(persons.column("id"), person_id)).column("key")[0].as_py()
     top = pc.max(persons.column("id")).as_py()
     second = pa.table({"key": [key], "id": [top + 1000], "createdDatetime": [datetime.now(UTC)]}, schema=IDMAP_SCHEMA)

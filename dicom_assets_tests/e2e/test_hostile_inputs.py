@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from dicom_assets.config import Settings
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.failures import FailedFile, list_failed
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
@@ -93,8 +93,8 @@ class Lake:
         extract_metastore(self.paths, settings, DAY, now=NOW)
         seconds = time.monotonic() - t
         failed = {Path(f.original_path).name: _failure(f) for f in list_failed(self.paths, DAY)}
-        rows = delta.read_day(self.paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, DAY).to_pylist()
-        table = delta.read_day(self.paths.table_uri("dicom_failures"), FAILURES_SCHEMA, DAY).to_pylist()
+        rows = delta_read.read_day(self.paths.table_uri("dicomimagingmetastore"), METASTORE_SCHEMA, DAY).to_pylist()
+        table = delta_read.read_day(self.paths.table_uri("dicom_failures"), FAILURES_SCHEMA, DAY).to_pylist()
         assert sorted(r["errorClass"] for r in table) == sorted(f["errorClass"] for f in failed.values())
         return failed, rows, seconds
 

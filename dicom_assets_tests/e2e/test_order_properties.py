@@ -41,7 +41,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_assets.config import Settings
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import TABLE_SCHEMAS
 from dicom_assets.runner import materialize_partition
@@ -119,7 +119,7 @@ def run(lake: Path, day: str, *, batch_size: int = 16) -> None:
 def _id_keys(paths: LakePaths) -> dict[str, dict[int, str]]:
     out = {}
     for kind in ("image_occurrence", "person", "procedure_occurrence"):
-        t = delta.read(paths.table_uri(f"_idmap_{kind}"), TABLE_SCHEMAS[f"_idmap_{kind}"])
+        t = delta_read.read(paths.table_uri(f"_idmap_{kind}"), TABLE_SCHEMAS[f"_idmap_{kind}"])
         out[kind] = dict(zip(t.column("id").to_pylist(), t.column("key").to_pylist(), strict=False))
     return out
 
@@ -137,7 +137,7 @@ def order_free_tables(lake: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name in ("ImagingMetastore", "silver_ImagingStudy", "image_occurrence", "procedure_occurrence"):
         rows = []
-        for row in delta.read(paths.table_uri(name), TABLE_SCHEMAS[name]).to_pylist():
+        for row in delta_read.read(paths.table_uri(name), TABLE_SCHEMAS[name]).to_pylist():
             row = {k: v for k, v in row.items() if k not in lakestate.WALL_CLOCK_COLUMNS | {"ingestDate", "local_path"}}
             if name in ("image_occurrence", "procedure_occurrence"):
                 for col, kind in id_columns.items():
@@ -284,7 +284,7 @@ def test_a_compacted_day_has_the_same_tables(sources: list[Path], tmp_path: Path
         run(lake, DAYS[0], batch_size=2)
         lakes[name] = order_free_tables(lake)
         uri = LakePaths.of(lake).table_uri("dicomimagingmetastore")
-        t = delta.read(uri, TABLE_SCHEMAS["dicomimagingmetastore"])
+        t = delta_read.read(uri, TABLE_SCHEMAS["dicomimagingmetastore"])
         skip = lakestate.WALL_CLOCK_COLUMNS | {"ingestDate"}
         bronze[name] = sorted(json.dumps(lakestate._norm({k: v for k, v in r.items() if k not in skip}, str(lake)), sort_keys=True, default=str)
                               for r in t.to_pylist())
@@ -301,7 +301,7 @@ def test_a_compacted_day_has_the_same_tables(sources: list[Path], tmp_path: Path
 
 
 def _silver_study(lake: Path) -> dict[str, Any]:
-    t = delta.read(LakePaths.of(lake).table_uri("silver_ImagingStudy"), TABLE_SCHEMAS["silver_ImagingStudy"])
+    t = delta_read.read(LakePaths.of(lake).table_uri("silver_ImagingStudy"), TABLE_SCHEMAS["silver_ImagingStudy"])
     rows = [r for r in t.to_pylist() if r["studyInstanceUid"] == MULTI_STUDY]
     assert len(rows) == 1, f"{len(rows)} silver rows for the study"
     return rows[0]
@@ -335,6 +335,6 @@ def test_study_split_over_two_days_is_one_complete_row(sources: list[Path], tmp_
     row = _silver_study(lake)
     assert _series_instances(row) == by_series
     assert (row["numberOfSeries"], row["numberOfInstances"]) == (2, 4)
-    io = delta.read(LakePaths.of(lake).table_uri("image_occurrence"), TABLE_SCHEMAS["image_occurrence"])
+    io = delta_read.read(LakePaths.of(lake).table_uri("image_occurrence"), TABLE_SCHEMAS["image_occurrence"])
     got = sorted(s for s, u in zip(io.column("image_series_uid").to_pylist(), io.column("image_study_uid").to_pylist(), strict=False) if u == MULTI_STUDY)
     assert got == sorted(MULTI_SERIES)

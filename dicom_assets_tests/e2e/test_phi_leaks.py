@@ -45,7 +45,7 @@ import pytest
 
 from dicom_assets.defs.metadata import MASK
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.sample import generate_sample
 from dicom_assets_tests.conftest import CORPUS
@@ -254,7 +254,7 @@ def phi_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             texts[f"DAGSTER_HOME/{p.relative_to(home)}"] = p.read_bytes().decode("utf-8", "replace")
     for p in lake.failed_root.rglob("*.error.json"):
         texts[f"error record {p.name}"] = p.read_text()
-    fails = delta.read(lake.table_uri("dicom_failures"))
+    fails = delta_read.read(lake.table_uri("dicom_failures"))
     texts["dicom_failures"] = json.dumps(fails.drop_columns(["detectedAt"]).to_pylist(), ensure_ascii=False)
     return {"values": values, "texts": texts, "answers": answers, "lake": lake, "home": home, "fails": fails.num_rows}
 
@@ -269,7 +269,7 @@ def test_no_phi_outside_the_tables(phi_run: dict[str, Any]) -> None:
 
     # Positive control: the same scanner finds the values where they belong, in the tables.
     lake: LakePaths = phi_run["lake"]
-    rows = delta.read(lake.table_uri("dicomimagingmetastore"), columns=["patientName", "patientId", "patientBirthDate"])
+    rows = delta_read.read(lake.table_uri("dicomimagingmetastore"), columns=["patientName", "patientId", "patientBirthDate"])
     control = Scanner(values, [lake.root])
     control.scan("metastore", json.dumps(rows.to_pylist(), ensure_ascii=False))
     assert {h.split(" ", 1)[0] for h in control.hits} == {"name", "id", "birth_date"} and len(control.hits) >= 40

@@ -24,7 +24,7 @@ import pytest
 from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.engines import spark as spark_engine
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta, delta_read
 from dicom_assets.lake.schemas import FAILURES_SCHEMA, METASTORE_SCHEMA
 from dicom_assets_tests.conftest import CORPUS, read_manifest
 
@@ -177,8 +177,8 @@ def test_spark_metastore_equals_local_on_a_corpus_subset(tmp_path: Path, local_s
     lo, sp, local_uri, spark_uri = _run_both(tasks, tmp_path, local_spark, batch_size=16)
 
     assert sp.engine == "spark" and lo.engine == "local"
-    spark_rows = _sorted(delta.read(spark_uri, METASTORE_SCHEMA), ["createdDatetime"])
-    local_rows = _sorted(delta.read(local_uri, METASTORE_SCHEMA), ["createdDatetime"])
+    spark_rows = _sorted(delta_read.read(spark_uri, METASTORE_SCHEMA), ["createdDatetime"])
+    local_rows = _sorted(delta_read.read(local_uri, METASTORE_SCHEMA), ["createdDatetime"])
     _assert_same(spark_rows, local_rows, "metastore")
     _assert_same(_sorted(sp.failures), _sorted(lo.failures), "failures")
     assert sp.failures.schema == FAILURES_SCHEMA
@@ -200,7 +200,7 @@ def test_spark_replaces_only_its_day_and_is_idempotent(tmp_path: Path, local_spa
     other = spark_engine.run_extraction(_tasks(files[:5], OTHER_DAY), settings, metastore_uri=str(uri), day=OTHER_DAY, now=NOW, spark=local_spark)
     first = spark_engine.run_extraction(_tasks(files), settings, metastore_uri=str(uri), day=DAY, now=NOW, spark=local_spark)
     again = spark_engine.run_extraction(_tasks(files), settings, metastore_uri=str(uri), day=DAY, now=NOW, spark=local_spark)
-    table = delta.read(uri, METASTORE_SCHEMA)
+    table = delta_read.read(uri, METASTORE_SCHEMA)
     per_day = {d: table.column("ingestDate").to_pylist().count(d) for d in (DAY, OTHER_DAY)}
     assert per_day == {DAY: first.rows_written, OTHER_DAY: other.rows_written}
     assert again.rows_written == first.rows_written
@@ -218,8 +218,8 @@ def test_spark_metastore_equals_local_on_the_whole_corpus(tmp_path: Path, local_
     files = _loose_files(corpus)
     assert len(files) > 900
     lo, sp, local_uri, spark_uri = _run_both(_tasks(files), tmp_path, local_spark, batch_size=64)
-    spark_rows = _sorted(delta.read(spark_uri, METASTORE_SCHEMA), ["createdDatetime"])
-    _assert_same(spark_rows, _sorted(delta.read(local_uri, METASTORE_SCHEMA), ["createdDatetime"]), "metastore")
+    spark_rows = _sorted(delta_read.read(spark_uri, METASTORE_SCHEMA), ["createdDatetime"])
+    _assert_same(spark_rows, _sorted(delta_read.read(local_uri, METASTORE_SCHEMA), ["createdDatetime"]), "metastore")
     _assert_same(_sorted(sp.failures), _sorted(lo.failures), "failures")
     manifest = _manifest_by_path(corpus)
     assert sp.rows_written == sum(1 for f in files if manifest[str(f)]["valid_dicom"] == "yes")
@@ -291,7 +291,7 @@ def test_zero_tasks_need_no_spark_and_empty_the_day(tmp_path: Path) -> None:
     rows = pa.Table.from_pylist([{"filePath": "a", "ingestDate": DAY}, {"filePath": "b", "ingestDate": OTHER_DAY}], schema=METASTORE_SCHEMA)
     delta.append(uri, rows, METASTORE_SCHEMA)
     spark_engine.run_extraction([], Settings(), metastore_uri=str(uri), day=DAY, now=NOW, spark=None)
-    assert delta.read(uri, METASTORE_SCHEMA).column("filePath").to_pylist() == ["b"]
+    assert delta_read.read(uri, METASTORE_SCHEMA).column("filePath").to_pylist() == ["b"]
 
 
 def test_the_executor_function_writes_parts_and_guards_batches_without_spark(tmp_path: Path) -> None:
@@ -411,7 +411,7 @@ def test_a_standalone_cluster_of_two_workers_runs_the_extraction(tmp_path: Path,
 
     assert out.rows_written == len(files) == delta.count(uri)
     assert out.failures.num_rows == 0
-    uids = set(delta.read(uri, METASTORE_SCHEMA, columns=["sopInstanceUid"]).column("sopInstanceUid").to_pylist())
+    uids = set(delta_read.read(uri, METASTORE_SCHEMA, columns=["sopInstanceUid"]).column("sopInstanceUid").to_pylist())
     assert uids == {manifest[str(f)]["sop_instance_uid"] for f in files}
     ran, added = _event_log_executors(events)
     assert len(ran) == 2, f"tasks ran on executors {sorted(ran)}"

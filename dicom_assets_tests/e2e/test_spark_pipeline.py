@@ -15,7 +15,7 @@ import pytest
 
 from dicom_assets.config import Settings
 from dicom_assets.defs.partitions import today_key
-from dicom_assets.lake import delta
+from dicom_assets.lake import delta_read
 from dicom_assets.lake.paths import TABLES, LakePaths
 from dicom_assets.runner import materialize_partition
 
@@ -51,7 +51,7 @@ def _comparable(lake: LakePaths, name: str) -> pa.Table:
     ``<epoch>_<basename>``, so paths (also inside BulkDataURIs) differ by
     those two parts only.
     """
-    t = delta.read(lake.table_uri(name))
+    t = delta_read.read(lake.table_uri(name))
     t = t.drop_columns([c for c in t.column_names if c in VOLATILE])
     root = str(lake.root)
     for i, f in enumerate(t.schema):

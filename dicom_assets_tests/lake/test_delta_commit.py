@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from dicom_assets.lake import delta, parts
+from dicom_assets.lake import delta, delta_read, parts
 from dicom_assets.lake import delta_commit as dc
 from dicom_assets.lake.schemas import METASTORE_SCHEMA
 
@@ -45,7 +45,7 @@ def rows(day: str, n: int, tag: str) -> pa.Table:
 
 
 def content(uri: Path) -> list[tuple[str, str]]:
-    t = delta.read(uri, METASTORE_SCHEMA)
+    t = delta_read.read(uri, METASTORE_SCHEMA)
     return sorted(zip(t.column("ingestDate").to_pylist(), t.column("sopInstanceUid").to_pylist(), strict=True))
 
 
@@ -169,7 +169,7 @@ def test_a_file_mixing_days_is_rewritten_without_the_day(tmp_path: Path) -> None
     assert len(DeltaTable(str(uri)).file_uris()) == 1
     dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY2, 1, "s"))], DAY2)
     assert content(uri) == sorted(keys(DAY1, 3, "p") + keys(DAY2, 1, "s") + keys(DAY3, 3, "r"))
-    n_day2 = delta.read_day(uri, METASTORE_SCHEMA, DAY2).num_rows
+    n_day2 = delta_read.read_day(uri, METASTORE_SCHEMA, DAY2).num_rows
     assert n_day2 == 1
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 
-from dicom_assets.lake import delta, rowgroups
+from dicom_assets.lake import delta, delta_read, rowgroups
 
 SCHEMA = pa.schema([("study", pa.string()), ("day", pa.string()), ("payload", pa.string()), ("n", pa.int64())])
 
@@ -46,30 +46,30 @@ def test_files_have_many_row_groups(table: Path) -> None:
 
 
 def test_where_selects_exactly_the_matching_rows(table: Path) -> None:
-    got = delta.read(table, SCHEMA, where={"study": ["s1", "s5"], "day": "d2"})
+    got = delta_read.read(table, SCHEMA, where={"study": ["s1", "s5"], "day": "d2"})
     assert sorted(got.column("n").to_pylist()) == _expected({"s1", "s5"}, "d2")
     assert got.schema == SCHEMA
 
 
 def test_columns_and_a_single_value(table: Path) -> None:
-    got = delta.read(table, SCHEMA, columns=["n"], where={"study": "s12"})
+    got = delta_read.read(table, SCHEMA, columns=["n"], where={"study": "s12"})
     assert got.column_names == ["n"] and sorted(got.column("n").to_pylist()) == _expected({"s12"})
 
 
 def test_nulls_and_absent_values_never_match(table: Path) -> None:
-    assert delta.read(table, SCHEMA, where={"study": ["nope"]}).num_rows == 0
-    everything = delta.read(table, SCHEMA)
+    assert delta_read.read(table, SCHEMA, where={"study": ["nope"]}).num_rows == 0
+    everything = delta_read.read(table, SCHEMA)
     assert everything.num_rows == 1250
 
 
 def test_iter_read_yields_one_table_per_file(table: Path) -> None:
-    parts = list(delta.iter_read(table, SCHEMA, columns=["n"], where={"day": "d0"}))
+    parts = list(delta_read.iter_read(table, SCHEMA, columns=["n"], where={"day": "d0"}))
     assert len(parts) == 2 and sum(p.num_rows for p in parts) == len([i for i in range(1250) if i % 3 == 0])
 
 
 @pytest.mark.parametrize("where", [None, {"day": "d0"}, {"study": ["s1", "s5"], "day": "d2"}])
 def test_iter_read_in_batches_streams_the_same_rows(table: Path, where: dict[str, object] | None) -> None:
-    batches = list(delta.iter_read(table, SCHEMA, columns=["n", "payload"], where=where, batch_rows=37))  # type: ignore[arg-type]
+    batches = list(delta_read.iter_read(table, SCHEMA, columns=["n", "payload"], where=where, batch_rows=37))  # type: ignore[arg-type]
     assert all(0 < b.num_rows <= 37 for b in batches) and all(b.column_names == ["n", "payload"] for b in batches)
     got = [n for b in batches for n in b.column("n").to_pylist()]
     if where is None:
@@ -81,15 +81,15 @@ def test_iter_read_in_batches_streams_the_same_rows(table: Path, where: dict[str
 
 
 def test_an_absent_table_reads_empty(tmp_path: Path) -> None:
-    got = delta.read(tmp_path / "none", SCHEMA, columns=["study"], where={"study": "s1"})
+    got = delta_read.read(tmp_path / "none", SCHEMA, columns=["study"], where={"study": "s1"})
     assert got.num_rows == 0 and got.column_names == ["study"]
-    assert list(delta.iter_read(tmp_path / "none", SCHEMA)) == []
+    assert list(delta_read.iter_read(tmp_path / "none", SCHEMA)) == []
 
 
 def test_integer_keys_select_and_prune(table: Path) -> None:
-    got = delta.read(table, SCHEMA, columns=["n"], where={"n": [3, 1100, 99999]})
+    got = delta_read.read(table, SCHEMA, columns=["n"], where={"n": [3, 1100, 99999]})
     assert sorted(got.column("n").to_pylist()) == [3, 1100]
-    assert delta.read(table, SCHEMA, where={"n": 7}).column("study").to_pylist() == ["s7"]
+    assert delta_read.read(table, SCHEMA, where={"n": 7}).column("study").to_pylist() == ["s7"]
 
 
 def test_count_comes_from_the_log_and_matches_a_scan(table: Path) -> None:
@@ -128,7 +128,7 @@ def test_upsert_appends_new_keys_and_merges_known_ones(tmp_path: Path) -> None:
         uri, _up([("a", 10, 2), ("b", 20, 0), ("c", 3, 1)]), UP, keys=["k"], lock=lock, update_predicate="s.t > t.t"
     )
     assert second == {"num_target_rows_inserted": 1, "num_target_rows_updated": 1}
-    got = {r["k"]: r["v"] for r in delta.read(uri, UP).to_pylist()}
+    got = {r["k"]: r["v"] for r in delta_read.read(uri, UP).to_pylist()}
     assert got == {"a": 10, "b": 2, "c": 3}  # b's update was older: kept
     assert len(calls) == 2
 
@@ -143,7 +143,7 @@ def test_upsert_ends_like_one_merge_whatever_the_split(tmp_path: Path) -> None:
     for k, v, t in rows:
         if k not in best or (t, v) > (best[k][1], best[k][0]):
             best[k] = (v, t)
-    got = {r["k"]: (r["v"], r["t"]) for r in delta.read(split, UP).to_pylist()}
+    got = {r["k"]: (r["v"], r["t"]) for r in delta_read.read(split, UP).to_pylist()}
     assert got == best and delta.count(split) == 17
 
 
@@ -170,10 +170,10 @@ def test_files_whose_statistics_show_every_row_matching_are_read_whole(tmp_path:
         return real(f, *a)  # type: ignore[arg-type]
 
     monkeypatch.setattr(rowgroups, "matching_rows", spy)
-    got = delta.read(uri, SCHEMA, where={"day": "d1"})
+    got = delta_read.read(uri, SCHEMA, where={"day": "d1"})
     assert sorted(got.column("n").to_pylist()) == [0, 1, 2, 3]
     assert len(keyed) == 1  # only the mixed file needed its keys read (the others are pruned or whole)
     keyed.clear()
     # A value as long as delta-rs's truncated string statistics is never trusted to min = max.
-    got = delta.read(uri, SCHEMA, where={"study": long_uid})
+    got = delta_read.read(uri, SCHEMA, where={"study": long_uid})
     assert got.column("n").to_pylist() == [5] and len(keyed) == 1

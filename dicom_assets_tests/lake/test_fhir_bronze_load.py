@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from dicom_assets.lake import delta, delta_commit
+from dicom_assets.lake import delta_commit, delta_read
 from dicom_assets.lake.paths import LakePaths
 from dicom_assets.lake.schemas import BRONZE_IMAGINGSTUDY_SCHEMA
 from dicom_assets.steps import fhir_steps
@@ -25,7 +25,7 @@ def _ndjson(paths: LakePaths, ns: str, day: str, name: str, ids: list[str]) -> N
 
 
 def _ids_by_day(paths: LakePaths) -> dict[str, list[str]]:
-    t = delta.read(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, columns=["id", "ingestDate"])
+    t = delta_read.read(paths.table_uri("bronze_ImagingStudy"), BRONZE_IMAGINGSTUDY_SCHEMA, columns=["id", "ingestDate"])
     out: dict[str, list[str]] = {}
     for i, day in zip(t.column("id").to_pylist(), t.column("ingestDate").to_pylist(), strict=True):
         out.setdefault(day, []).append(i)

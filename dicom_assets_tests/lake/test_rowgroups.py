@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 
-from dicom_assets.lake import delta, rowgroups
+from dicom_assets.lake import delta_read, rowgroups
 
 SCHEMA = pa.schema([("uid", pa.string()), ("n", pa.int64()), ("payload", pa.string())])
 
@@ -57,7 +57,7 @@ def test_cut_statistics_never_hide_a_row(tmp_path: Path, truncate: int | None) -
     probes = [rnd.sample(first + second, 5) + _uids(3, 5) for _ in range(20)]
     probes += [[u[:-1]] for u in first[:5]] + [[u + "0"] for u in second[:5]]  # neighbours of real keys
     for wanted in probes:
-        got = delta.read_in(uri, SCHEMA, "uid", wanted)
+        got = delta_read.read_in(uri, SCHEMA, "uid", wanted)
         expected = everything.filter(pc.is_in(everything.column("uid"), value_set=pa.array(wanted)))
         assert sorted(got.column("n").to_pylist()) == sorted(expected.column("n").to_pylist())
 

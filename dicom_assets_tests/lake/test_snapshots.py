@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from dicom_assets.lake import delta, snapshots
+from dicom_assets.lake import delta, delta_read, snapshots
 
 
 def _rows(dt: DeltaTable) -> list[int]:
@@ -26,7 +26,7 @@ def test_a_cached_snapshot_sees_commits_made_after_it_was_opened(tmp_path: Path)
     write_deltalake(uri, pa.table({"n": [2]}), mode="append")  # another writer, another object
     again = snapshots.latest(uri)
     assert again is first and again.version() == 1 and _rows(again) == [1, 2]
-    assert delta.count(uri) == 2 and delta.read(uri).num_rows == 2
+    assert delta.count(uri) == 2 and delta_read.read(uri).num_rows == 2
 
 
 def test_a_table_removed_and_made_again_at_the_same_path_is_read_anew(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_a_table_removed_and_made_again_at_the_same_path_is_read_anew(tmp_path: 
     shutil.rmtree(uri)
     write_deltalake(uri, pa.table({"n": [9]}))  # version 0 again, lower than the cached 2
     assert _rows(snapshots.latest(uri)) == [9]
-    assert delta.read(uri).column("n").to_pylist() == [9]
+    assert delta_read.read(uri).column("n").to_pylist() == [9]
 
 
 def test_a_removed_table_is_not_found(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_a_removed_table_is_not_found(tmp_path: Path) -> None:
     shutil.rmtree(uri)
     with pytest.raises(TableNotFoundError):
         snapshots.latest(uri)
-    assert delta.read(uri, pa.schema([("n", pa.int64())])).num_rows == 0
+    assert delta_read.read(uri, pa.schema([("n", pa.int64())])).num_rows == 0
 
 
 def test_each_thread_has_its_own_snapshot(tmp_path: Path) -> None:
