@@ -234,8 +234,7 @@ def _replace(
             written.append(_no_data_change(delta_commit.add_action_from_record(rec)))
         committed = _commit(uri, schema, folder, names, written)
     except BaseException:
-        for add in written:
-            (folder / add.path).unlink(missing_ok=True)
+        delta_commit.discard(uri, written)
         raise
     if not committed:
         return ClusterResult(0, 0, 0)
@@ -308,8 +307,7 @@ def _commit(uri: str | Path, schema: pa.Schema, folder: Path, names: Sequence[st
     try:
         delta.with_commit_retry(attempt)
     except _InputGone:
-        for add in written:
-            (folder / add.path).unlink(missing_ok=True)
+        delta_commit.discard(uri, written)
         return False
     crash_point(f"delta:after_commit:{label}")
     return True

@@ -90,6 +90,29 @@ def add_action_from_record(rec: dict[str, Any]) -> AddAction:
     )
 
 
+def discard(uri: str | Path, adds: Sequence[AddAction]) -> None:
+    """Delete the part files of ``adds`` that the table does not hold: after a failed commit.
+
+    An exception can also come after delta-rs wrote the commit (an interrupt
+    on its way out), so a part is deleted only when the table's latest
+    version does not list it. When that version cannot be read, the parts
+    stay: an orphan file is harmless, a committed one deleted is not.
+    """
+    if not adds:
+        return
+    try:
+        live = delta.files_by_name(snapshots.latest(str(uri)))
+    except TableNotFoundError:
+        live = {}
+    except Exception:  # noqa: BLE001 - see above: keep the parts
+        log.warning("could not tell which parts of a failed commit to %s landed; left them", delta.table_label(uri))
+        return
+    folder = table_dir(uri)
+    for add in adds:
+        if os.path.basename(unquote(add.path)) not in live:
+            (folder / unquote(add.path)).unlink(missing_ok=True)
+
+
 def remove_action(path: str, size: int, now_ms: int) -> RemoveAction:
     """The ``remove`` action of a live data file (``path`` as the log's ``add`` has it), a data change."""
     return RemoveAction(path, True, now_ms, size, {})
@@ -137,8 +160,7 @@ def commit_replace(
                 commit_properties=CommitProperties(custom_metadata={"replaceWhere": predicate}),
             )
         except BaseException:
-            for add in rewritten:
-                (folder / add.path).unlink(missing_ok=True)
+            discard(uri_s, rewritten)
             raise
 
     label = delta.table_label(folder)

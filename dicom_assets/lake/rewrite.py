@@ -150,8 +150,7 @@ def update_matched(
                     commit_properties=CommitProperties(custom_metadata={"dicomAssetsOperation": "update_matched"}),
                 )
         except BaseException:
-            for add in written:
-                (folder / add.path).unlink(missing_ok=True)
+            delta_commit.discard(uri, written)
             raise
         return replaced
 

@@ -162,8 +162,7 @@ def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> i
     try:
         delta_commit.commit_replace(uri, BRONZE_IMAGINGSTUDY_SCHEMA, adds, day)
     except BaseException:
-        for add in adds:
-            (folder / add.path).unlink(missing_ok=True)
+        delta_commit.discard(uri, adds)
         raise
     return loaded
 

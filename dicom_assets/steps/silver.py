@@ -112,7 +112,7 @@ SILVER_ROW_GROUP_ROWS = 2_048
 #: A day merged in several rounds is clustered into files of this many rows.
 SILVER_FILE_ROWS = 4 * SILVER_ROW_GROUP_ROWS
 #: Rounds clustered together (:mod:`dicom_assets.lake.cluster` streams every
-#: file at once, ~3 MB each): a day of more rounds becomes one sorted run per
+#: file at once, ~2.6 MB each): a day of more rounds becomes one sorted run per
 #: this many rounds (100,000 instances: 20 rounds, one run).
 CLUSTER_ROUNDS = 32
 

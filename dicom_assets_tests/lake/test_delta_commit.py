@@ -241,3 +241,18 @@ def test_only_local_tables(tmp_path: Path) -> None:
     assert dc.table_dir(f"file://{tmp_path}/t") == tmp_path / "t"
     with pytest.raises(ValueError):
         dc.table_dir("s3://bucket/t")
+
+
+def test_discard_deletes_only_parts_the_table_does_not_hold(tmp_path: Path) -> None:
+    """After a failed commit: a part that landed anyway stays (the table needs it), the others go."""
+    uri = tmp_path / "t"
+    landed = dc.write_part(uri, rows(DAY1, 2, "landed"))
+    dc.commit_replace(uri, METASTORE_SCHEMA, [landed], DAY1)
+    stray = dc.write_part(uri, rows(DAY1, 2, "stray"))
+    dc.discard(uri, [landed, stray])
+    assert (uri / landed.path).exists() and not (uri / stray.path).exists()
+    assert delta_read.read(uri, METASTORE_SCHEMA).num_rows == 2
+    # No table at all: nothing can have landed.
+    orphan = dc.write_part(tmp_path / "absent", rows(DAY1, 1, "orphan"))
+    dc.discard(tmp_path / "absent", [orphan])
+    assert not (tmp_path / "absent" / orphan.path).exists()
