@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-
-from dicom_assets.dicom.records import ExtractTask
 
 
 @dataclass(frozen=True)
@@ -25,8 +23,12 @@ class ExtractionOutcome:
     details: dict[str, float] = field(default_factory=dict)
 
 
-def batches(tasks: Sequence[ExtractTask], size: int) -> Iterator[list[ExtractTask]]:
-    """Split tasks into batches of ``size`` (files per worker call, never one process per file)."""
+def spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    """Index ranges ``(i, j)`` of ``size`` items covering ``start:stop``: the batches of tasks one worker call reads.
+
+    A batch is many files, never one process per file; the tasks themselves
+    are taken from their sequence only when the batch is read.
+    """
     size = max(1, size)
-    for i in range(0, len(tasks), size):
-        yield list(tasks[i : i + size])
+    for i in range(start, stop, size):
+        yield i, min(i + size, stop)

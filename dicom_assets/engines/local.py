@@ -35,7 +35,7 @@ from dicom_assets.config import Settings
 from dicom_assets.dicom.budget import ReadLimits
 from dicom_assets.dicom.compress import settle_removals
 from dicom_assets.dicom.records import ExtractTask
-from dicom_assets.engines.base import ExtractionOutcome, batches
+from dicom_assets.engines.base import ExtractionOutcome, spans
 from dicom_assets.engines.batch import BatchResult, run_batch
 from dicom_assets.engines.helper import init_worker
 from dicom_assets.engines.helper_pool import HelperPool
@@ -132,12 +132,17 @@ def iter_batches(
 def _run_batches(
     tasks: Sequence[ExtractTask], settings: Settings, now: datetime, table_dir: str, pool: HelperPool | None
 ) -> Iterator[BatchResult]:
-    groups = deque(batches(tasks, settings.batch_size))
+    # Batches are index ranges until they are read: a day's tasks may be a
+    # TaskTable, whose ExtractTask objects exist only for the batches at hand.
+    groups = deque(spans(0, len(tasks), settings.batch_size))
     limits = ReadLimits.from_settings(settings)
     capped = bool(worker_address_space_bytes(settings))
 
-    def here(group: list[ExtractTask]) -> BatchResult:
-        return run_batch(group, settings.bulk_data_threshold, now, table_dir, limits, True)
+    def take(span: tuple[int, int]) -> list[ExtractTask]:
+        return list(tasks[span[0] : span[1]])
+
+    def here(span: tuple[int, int]) -> BatchResult:
+        return run_batch(take(span), settings.bulk_data_threshold, now, table_dir, limits, True)
 
     if pool is None:
         while groups:
@@ -160,7 +165,7 @@ def _run_batches(
             # itself, so that neither side ends up waiting for the other's queue.
             window = min(window, (len(groups) - 1) * pool.size)
         while groups and pool.in_flight < window:
-            pool.submit(run_batch, groups.popleft(), settings.bulk_data_threshold, now, table_dir, limits, True)
+            pool.submit(run_batch, take(groups.popleft()), settings.bulk_data_threshold, now, table_dir, limits, True)
         if groups and not capped:
             yield here(groups.popleft())
             arrived = list(pool.collect(block=False))
@@ -170,19 +175,19 @@ def _run_batches(
         yield from arrived
 
 
-def _split_tail(groups: deque[list[ExtractTask]], count: int, size: int) -> deque[list[ExtractTask]]:
+def _split_tail(groups: deque[tuple[int, int]], count: int, size: int) -> deque[tuple[int, int]]:
     """The last ``count`` batches (all, if there are fewer) cut into batches of ``size``.
 
     Whoever finishes first at the end waits for the others' last batches;
     smaller batches there keep that wait short, and give a job of few batches
     enough of them to share.
     """
-    if size < 1:
+    if size < 1 or not groups:
         return groups
     count = min(count, len(groups))
     head = list(groups)[: len(groups) - count]
-    tail = [t for g in list(groups)[len(groups) - count :] for t in g]
-    return deque(head + list(batches(tail, size)))
+    tail_start = groups[len(groups) - count][0]
+    return deque(head + list(spans(tail_start, groups[-1][1], size)))
 
 
 def run_extraction(

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
+from dicom_assets.columnar import Rows
 from dicom_assets.config import Settings
 from dicom_assets.dicom.zipsafe import is_zip_magic
 from dicom_assets.lake import fileops
@@ -103,6 +106,25 @@ class LandedFile:
             mtime=float(rec.get("sourceModifiedAt") or 0.0),
             ingest_date=str(rec.get("ingestDate", "")),
         )
+
+
+#: One column per :class:`LandedFile` field, in field order (text as bytes, see :class:`~dicom_assets.columnar.Rows`).
+LANDED_SCHEMA = pa.schema(
+    [
+        pa.field("process_path", pa.binary(), nullable=False),
+        pa.field("original_path", pa.binary(), nullable=False),
+        pa.field("source_system", pa.binary(), nullable=False),
+        pa.field("sha256", pa.binary()),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("mtime", pa.float64(), nullable=False),
+        pa.field("ingest_date", pa.binary(), nullable=False),
+    ]
+)
+
+
+def landed_rows() -> Rows[LandedFile]:
+    """An empty list of landed files kept as columns (a run may land a whole day's files)."""
+    return Rows(LandedFile, LANDED_SCHEMA)
 
 
 class LandedIndex(dict[str, LandedFile]):
@@ -302,10 +324,18 @@ def list_process_files(paths: LakePaths, day: str) -> list[LandedFile]:
     derived from the name (``<epoch>_`` prefix and ``.zip`` removed, Ingest
     folder restored), ``mtime`` is the file's own and ``sha256`` is ``None``.
     """
+    return list(iter_process_files(paths, day))
+
+
+def iter_process_files(paths: LakePaths, day: str) -> Iterator[LandedFile]:
+    """:func:`list_process_files` one file at a time, a folder's files together and in name order.
+
+    Only one namespace's landed journal is held at a time, so a caller that
+    keeps a compact form of each file never holds the day as Python objects.
+    """
     check_day(day)
-    out: list[LandedFile] = []
     if not paths.process_root.is_dir():
-        return out
+        return
     for ns_dir in sorted(paths.process_root.iterdir()):
         day_dir = ns_dir / day
         if ns_dir.name.startswith(".") or not day_dir.is_dir():
@@ -317,26 +347,26 @@ def list_process_files(paths: LakePaths, day: str) -> list[LandedFile]:
             for name in sorted(filenames):
                 if name.startswith(".") or name.endswith(fileops.PART_SUFFIX):
                     continue
-                p = Path(dirpath) / name
-                key = str(p)
+                # os.path, not pathlib: a Path interns every part of its name, so each
+                # file of the day would grow the interpreter's table of interned strings.
+                key = os.path.join(dirpath, name)
                 rec = dict.get(index, key)
                 if rec is None and name.endswith(".zip"):
                     rec = dict.get(index, key[:-4])
                 if rec is not None:
-                    out.append(_with_path(rec, key))
+                    yield _with_path(rec, key)
                     continue
                 try:
-                    st = os.lstat(p)
+                    st = os.lstat(key)
                 except FileNotFoundError:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                base = name[:-4] if _is_compressed(p, name) else name
+                base = name[:-4] if _is_compressed(Path(key), name) else name
                 base = EPOCH_PREFIX.sub("", base, count=1)
                 sub = Path(dirpath).relative_to(day_dir)
                 original = paths.ingest_root / ns / sub / base
-                out.append(LandedFile(key, fileops.display_path(original), ns, None, st.st_size, st.st_mtime, day))
-    return out
+                yield LandedFile(key, fileops.display_path(original), ns, None, st.st_size, st.st_mtime, day)
 
 
 def _with_path(rec: LandedFile, path: str) -> LandedFile:
@@ -349,6 +379,8 @@ __all__ = [
     "IngestItem",
     "LandedFile",
     "LandedIndex",
+    "LANDED_SCHEMA",
+    "landed_rows",
     "walk_ingest",
     "settled_candidates",
     "ingest_fingerprint",
@@ -356,6 +388,7 @@ __all__ = [
     "append_landed",
     "load_landed",
     "list_process_files",
+    "iter_process_files",
     "FILE",
     "LINK",
     "SPECIAL",

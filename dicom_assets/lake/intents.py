@@ -23,9 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from dicom_assets.columnar import Rows
 from dicom_assets.config import Settings
 from dicom_assets.lake import fileops
-from dicom_assets.lake.discover import IngestItem, LandedFile, append_landed, load_landed
+from dicom_assets.lake.discover import IngestItem, LandedFile, append_landed, landed_rows, load_landed
 from dicom_assets.lake.failures import FailedFile, error_json_for, error_record, write_error_json
 from dicom_assets.lake.fssync import BatchSync
 from dicom_assets.lake.paths import LakePaths
@@ -39,7 +40,7 @@ class OrganiseRun:
     paths: LakePaths
     settings: Settings
     day: str
-    landed: list[LandedFile] = field(default_factory=list)
+    landed: Rows[LandedFile] = field(default_factory=landed_rows)
     failed: list[FailedFile] = field(default_factory=list)
     ignored: int = 0
     unsettled: int = 0

@@ -36,10 +36,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_assets.columnar import warm_conversion
 from dicom_assets.config import Settings
 from dicom_assets.dicom import zipsafe
 from dicom_assets.dicom.sniff import SNIFF_BYTES, looks_like_dicom
@@ -51,6 +53,7 @@ from dicom_assets.lake.discover import (
     IngestItem,
     LandedFile,
     ingest_fingerprint,
+    iter_process_files,
     list_process_files,
     load_landed,
     prune_empty_folders,
@@ -81,7 +84,7 @@ class OrganiseResult:
     ``deferred``: left after an I/O error, retried next run.
     """
 
-    landed: list[LandedFile]
+    landed: Sequence[LandedFile]
     failed: list[FailedFile]
     ignored: int
     unsettled: int
@@ -237,6 +240,7 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
     """
     check_day(day)
     now = time.time() if now is None else now
+    warm_conversion()
     run = OrganiseRun(paths, settings, day)
     folders: list[Path] = []
     with fileops.exclusive_lock(run.state / "lock"):
@@ -277,6 +281,7 @@ __all__ = [
     "organise",
     "load_landed",
     "list_process_files",
+    "iter_process_files",
     "list_failed",
     "move_to_failed",
     "settled_candidates",

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain, groupby
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from dicom_assets.columnar import warm_conversion
 from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
+from dicom_assets.dicom.task_table import TaskTable
 from dicom_assets.engines import local
 from dicom_assets.engines.base import ExtractionOutcome
 from dicom_assets.lake import cluster, delta, delta_commit, delta_read, external, failures, fileops, organise
@@ -69,24 +73,24 @@ def end_of_day(day: str) -> float:
     return start.timestamp() + 86400.0
 
 
-def process_tasks(paths: LakePaths, settings: Settings, day: str) -> list[ExtractTask]:
-    """One task per DICOM file of the day's Process folders (``.dcm.zip`` read in memory)."""
-    tasks: list[ExtractTask] = []
-    landed = organise.list_process_files(paths, day)
-    present = {str(lf.process_path) for lf in landed}
-    for lf in landed:
-        p = str(lf.process_path)
-        if p.endswith(".zip") and p[:-4] in present:
-            # Killed between writing <file>.zip and unlinking <file>: the plain
-            # file's task reads it and compresses it over this ZIP again, so the
-            # file gives one row, not two.
-            continue
-        if p.endswith(".zip"):
-            tasks.append(_task(lf, path=p, file_path=p, day=day, member=Path(p[:-4]).name))
-        else:
-            target = p + ".zip" if settings.compression_enabled else p
-            tasks.append(_task(lf, path=p, file_path=target, day=day))
-    return tasks
+def process_tasks(paths: LakePaths, settings: Settings, day: str) -> Iterator[ExtractTask]:
+    """One task per DICOM file of the day's Process folders (``.dcm.zip`` read in memory), as they are listed."""
+    # A folder's files come together, so a ZIP beside its plain file is found within the folder.
+    for _folder, group in groupby(organise.iter_process_files(paths, day), key=lambda lf: os.path.dirname(lf.process_path)):
+        landed = list(group)
+        present = {lf.process_path for lf in landed}
+        for lf in landed:
+            p = lf.process_path
+            if p.endswith(".zip") and p[:-4] in present:
+                # Killed between writing <file>.zip and unlinking <file>: the plain
+                # file's task reads it and compresses it over this ZIP again, so the
+                # file gives one row, not two.
+                continue
+            if p.endswith(".zip"):
+                yield _task(lf, path=p, file_path=p, day=day, member=Path(p[:-4]).name)
+            else:
+                target = p + ".zip" if settings.compression_enabled else p
+                yield _task(lf, path=p, file_path=target, day=day)
 
 
 def _task(lf: Any, *, path: str, file_path: str, day: str, member: str | None = None) -> ExtractTask:
@@ -143,18 +147,15 @@ def extract_metastore(
     scan = external.discover_external(paths, settings, day, now.timestamp())
     external.mark_external_read(paths, scan.files)
     ext = {t.path: (t, ef) for t, ef in external_tasks(paths, day)}
-    tasks = process_tasks(paths, settings, day) + [t for t, _ef in ext.values()]
+    warm_conversion()
+    tasks = TaskTable.from_tasks(chain(process_tasks(paths, settings, day), (t for t, _ef in ext.values())))
     crash_point("bronze:before_extract")
     outcome = engine(tasks, settings, metastore_uri=paths.table_uri("dicomimagingmetastore"), day=day, now=now, **engine_kwargs)
     # Files are read, compressed and committed; the unreadable ones still sit in Process.
     crash_point("bronze:after_extract")
-    # A failure names the file it read (task.path) or the one it would have become.
-    # Failure rows carry paths made valid UTF-8 (display_path), so key both forms.
-    by_path: dict[str, ExtractTask] = {}
-    for t in tasks:
-        for p in (t.file_path, t.path):
-            by_path[p] = by_path[fileops.display_path(p)] = t
-    for f in outcome.failures.to_pylist():
+    failed = outcome.failures.to_pylist()
+    by_path = tasks_by_path(tasks, {f["filePath"] for f in failed})
+    for f in failed:
         task = by_path.get(f["filePath"])
         if task is None:
             raise RuntimeError(f"engine reported a failure for a file it was not given: {f['filePath']}")
@@ -175,9 +176,7 @@ def extract_metastore(
         crash_point("bronze:moved_to_failed")
     write_failures(paths, day)
     compact_day(paths, day)
-    per_ns: dict[str, int] = {}
-    for t in tasks:
-        per_ns[t.source_system] = per_ns.get(t.source_system, 0) + 1
+    per_ns = tasks.count_by("source_system")
     return BronzeResult(
         rows=outcome.rows_written,
         failed=outcome.failures.num_rows,
@@ -186,6 +185,24 @@ def extract_metastore(
         engine=outcome.engine,
         per_namespace=per_ns,
     )
+
+
+def tasks_by_path(tasks: Iterable[ExtractTask], wanted: set[str]) -> dict[str, ExtractTask]:
+    """The tasks that ``wanted`` paths name, by those paths (none looked at when nothing is wanted).
+
+    A failure names the file it read (``task.path``) or the one it would have
+    become (``task.file_path``), made valid UTF-8 (``display_path``): any of
+    the four forms finds the task.
+    """
+    out: dict[str, ExtractTask] = {}
+    if not wanted:
+        return out
+    for t in tasks:
+        for p in (t.file_path, t.path):
+            for form in (p, fileops.display_path(p)):
+                if form in wanted:
+                    out[form] = t
+    return out
 
 
 #: A day extracted into more part files than this has them rewritten as files of
@@ -222,5 +239,7 @@ def write_failures(paths: LakePaths, day: str) -> int:
     """
     rows = [ff.as_row() for ff in failures.list_failed(paths, day)]
     table = pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA) if rows else FAILURES_SCHEMA.empty_table()
-    delta.replace_where(paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta_read.sql_literal(day)}")
+    delta.replace_where(
+        paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta_read.sql_literal(day)}"
+    )
     return table.num_rows

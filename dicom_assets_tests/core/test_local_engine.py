@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import dicom_assets.engines.batch as batch
 import dicom_assets.engines.local as local
 from dicom_assets.config import Settings
+from dicom_assets.dicom.task_table import TaskTable
 from dicom_assets_tests.core.test_dicom_extract_batch import dicom_bytes, task
 
 NOW = datetime(2024, 5, 6, tzinfo=UTC)
@@ -116,3 +118,40 @@ def test_an_abandoned_run_still_waits_for_its_removals(tmp_path: Path, monkeypat
     run.close()  # the consumer gives up after one batch (an error elsewhere)
     assert [Path(t.path).exists() for t in tasks] == [False, False, True, True]
     assert not compress._removals
+
+
+class _Recorded(TaskTable):
+    """A TaskTable that records which slices the engine takes."""
+
+    def __init__(self, tasks: list[Any]) -> None:
+        super().__init__(TaskTable.from_tasks(tasks).table)
+        self.taken: list[tuple[int, int]] = []
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            self.taken.append((index.start, index.stop))
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("n", [5, local.INLINE_MAX_FILES + 1], ids=["in-process", "with-a-helper"])
+def test_the_engine_takes_each_batch_of_a_task_table_once_as_it_reads(tmp_path: Path, n: int) -> None:
+    """Tasks held as columns are made into objects one batch at a time, every file exactly once."""
+    (tmp_path / "table").mkdir()
+    tasks = _Recorded(_tasks(tmp_path, n))
+    settings = Settings(workers=2, batch_size=64 if n > 5 else 2)
+    with local.helper_pool(tasks, settings) as pool:
+        results = list(local.iter_batches(tasks, settings, NOW, str(tmp_path / "table"), pool))
+    assert sum(rows for _add, _fails, rows in results) == n
+    covered = tasks.taken
+    assert covered == sorted(covered)  # in the order of the day
+    assert covered[0][0] == 0 and covered[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(0 < stop - start <= settings.batch_size for start, stop in covered)
+    assert len(results) == len(covered)
+
+
+def test_the_tail_is_cut_into_smaller_batches_covering_the_same_files() -> None:
+    groups = deque([(0, 64), (64, 128), (128, 192), (192, 200)])
+    split = local._split_tail(groups, 2, 16)
+    assert list(split) == [(0, 64), (64, 128), (128, 144), (144, 160), (160, 176), (176, 192), (192, 200)]
+    assert list(local._split_tail(deque(), 3, 16)) == [] and list(local._split_tail(deque([(0, 5)]), 3, 2)) == [(0, 2), (2, 4), (4, 5)]
