@@ -17,6 +17,10 @@ in the heap. Between the steps of a run in one process, :func:`release_unused_me
 hands the heap a step freed back to the system (measured on a 30,000-instance
 day: the steps after the silver merge started at 567-581 MiB instead of
 638-710 MiB).
+
+delta-rs allocates through a jemalloc of its own, which neither of these
+reaches; the package configures it before deltalake loads (``_RJEM_MALLOC_CONF``
+in ``dicom_assets/__init__.py``).
 """
 
 from __future__ import annotations

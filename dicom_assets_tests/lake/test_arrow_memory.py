@@ -114,3 +114,27 @@ def test_parquet_decoding_allocates_through_malloc_when_the_package_comes_first(
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     done = subprocess.run([sys.executable, "-c", POOL_PROBE, order], env=env, capture_output=True, text=True, timeout=180, check=True)
     assert (int(done.stdout.split()[-1]) > 0) is on_mimalloc
+
+
+
+JEMALLOC_PROBE = (
+    "import os, tempfile\n"
+    "import dicom_assets\n"
+    # stats_print: deltalake's jemalloc prints the options it runs with when the process exits.
+    "os.environ['_RJEM_MALLOC_CONF'] += ',stats_print:true,stats_print_opts:mdablxe'\n"
+    "import deltalake, pyarrow as pa\n"
+    "deltalake.write_deltalake(tempfile.mkdtemp(), pa.table({'a': [1, 2]}))\n"
+)
+
+
+@pytest.mark.parametrize(("given", "decay"), [(None, "0"), ("dirty_decay_ms:250", "250")], ids=["package-default", "user-choice-kept"])
+def test_delta_rs_gives_freed_pages_back_at_once_unless_the_user_tuned_it(given: str | None, decay: str) -> None:
+    """delta-rs's bundled jemalloc reads ``_RJEM_MALLOC_CONF``; the package sets it before deltalake loads."""
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    if given is not None:
+        env["_RJEM_MALLOC_CONF"] = given
+    done = subprocess.run([sys.executable, "-c", JEMALLOC_PROBE], env=env, capture_output=True, text=True, timeout=180, check=True)
+    # jemalloc's own report, not our variable, says which options it runs with (its default is 10 s).
+    assert f"opt.dirty_decay_ms: {decay} " in done.stderr
+    if given is None:
+        assert "opt.muzzy_decay_ms: 0 " in done.stderr
