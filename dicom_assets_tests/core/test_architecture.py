@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "dicom_assets"
-PURE = ["dicom", "fhir", "omop", "lake", "steps", "config.py", "sample.py", "sample_plan.py", "sample_render.py", "sample_catalog.py", "sql.py"]
+PURE = ["dicom", "fhir", "omop", "lake", "steps", "columnar.py", "config.py", "sample.py", "sample_plan.py", "sample_render.py", "sample_catalog.py", "sql.py"]
 FORBIDDEN = {"dagster", "dagster_pyspark", "pyspark"}
 
 
