@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
+from functools import cache
 from typing import Any, Generic, TypeVar, overload
 
 import pyarrow as pa
@@ -24,12 +25,13 @@ T = TypeVar("T")
 CHUNK_ROWS = 8_192
 
 
+@cache
 def warm_conversion() -> None:
     """Load what Arrow's first conversion from Python objects imports (pandas, when installed).
 
-    Called before a step builds a long list of records, so those modules'
-    objects are not allocated among the records and do not pin their memory
-    after they are freed.
+    :class:`Rows` calls it when made, before its records (or the listing they
+    come from) are held, so those modules' objects are not allocated among
+    them and do not pin their memory after they are freed.
     """
     pa.array([b"warm"], type=pa.binary())
 
@@ -58,6 +60,7 @@ class Rows(Sequence[T], Generic[T]):
             raise ValueError(f"schema fields {schema.names} do not follow {row_type.__name__}'s fields {names}")
         if table is not None and not table.schema.equals(schema):
             raise ValueError(f"table has schema {table.schema}, expected {schema}")
+        warm_conversion()
         self.row_type, self.schema = row_type, schema
         self._text = [f.type == pa.binary() for f in schema]
         self._chunk_rows = max(1, chunk_rows)

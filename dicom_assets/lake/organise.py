@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_assets.columnar import warm_conversion
 from dicom_assets.config import Settings
 from dicom_assets.dicom import zipsafe
 from dicom_assets.dicom.sniff import SNIFF_BYTES, looks_like_dicom
@@ -240,7 +239,6 @@ def organise(paths: LakePaths, settings: Settings, day: str, *, now: float | Non
     """
     check_day(day)
     now = time.time() if now is None else now
-    warm_conversion()
     run = OrganiseRun(paths, settings, day)
     folders: list[Path] = []
     with fileops.exclusive_lock(run.state / "lock"):

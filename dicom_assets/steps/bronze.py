@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from dicom_assets.columnar import warm_conversion
 from dicom_assets.config import Settings
 from dicom_assets.dicom.records import ExtractTask
 from dicom_assets.dicom.task_table import TaskTable
@@ -147,7 +146,6 @@ def extract_metastore(
     scan = external.discover_external(paths, settings, day, now.timestamp())
     external.mark_external_read(paths, scan.files)
     ext = {t.path: (t, ef) for t, ef in external_tasks(paths, day)}
-    warm_conversion()
     tasks = TaskTable.from_tasks(chain(process_tasks(paths, settings, day), (t for t, _ef in ext.values())))
     crash_point("bronze:before_extract")
     outcome = engine(tasks, settings, metastore_uri=paths.table_uri("dicomimagingmetastore"), day=day, now=now, **engine_kwargs)
@@ -239,7 +237,5 @@ def write_failures(paths: LakePaths, day: str) -> int:
     """
     rows = [ff.as_row() for ff in failures.list_failed(paths, day)]
     table = pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA) if rows else FAILURES_SCHEMA.empty_table()
-    delta.replace_where(
-        paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta_read.sql_literal(day)}"
-    )
+    delta.replace_where(paths.table_uri("dicom_failures"), table, FAILURES_SCHEMA, f"ingestDate = {delta_read.sql_literal(day)}")
     return table.num_rows
