@@ -192,8 +192,17 @@ class SilverStudyResult:
 STUDIES_PER_ROUND = 500
 
 
+#: Silver ImagingStudy's merge key. The id alone identifies a resource, and it is
+#: derived from the study (``imaging_study_id(namespace, StudyInstanceUID)``), so
+#: adding the UID matches the same rows; leading with it lets a lookup skip every
+#: file whose UID range (a round of a day, in UID order) cannot hold the study.
+#: By ``id`` alone, a new study opened every round file of every big day (nine
+#: files, 2.97 MB read, on the 100,000-instance lake), as ids are hashes.
+SILVER_STUDY_KEY = ("studyInstanceUid", "id")
+
+
 def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> SilverStudyResult:
-    """Asset 6: flatten the day's bronze resources and merge into silver on ``id``.
+    """Asset 6: flatten the day's bronze resources and merge into silver on ``id`` (:data:`SILVER_STUDY_KEY`).
 
     A row is updated only when the incoming ``meta.lastUpdated`` is newer and
     the content differs, so ``msftModifiedDatetime`` moves only on real change
@@ -222,11 +231,13 @@ def merge_silver(paths: LakePaths, day: str, *, now: datetime | None = None) -> 
         del bronze
         table = pa.concat_tables(pieces)
         del pieces
+        if table.column("studyInstanceUid").null_count:
+            raise ValueError("an ImagingStudy resource without a StudyInstanceUID identifier cannot be merged into silver")
         metrics = delta.upsert(
             paths.table_uri("silver_ImagingStudy"),
             table,
             SILVER_IMAGINGSTUDY_SCHEMA,
-            keys=["id"],
+            keys=SILVER_STUDY_KEY,
             lock=lambda: lake_lock(paths.state_dir, "silver_imagingstudy"),
             update_rule=NEWER_AND_CHANGED,
             keep_columns=["msftCreatedDatetime"],

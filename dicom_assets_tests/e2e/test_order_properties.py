@@ -23,6 +23,7 @@ for the wall-clock columns, epoch prefixes and lake root):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -268,6 +269,60 @@ def test_a_day_merged_file_by_file_equals_one_merge(
         assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert sum("/copy1/" in r for r in lakes["one_merge"]["ImagingMetastore"]) == 4
     assert len(lakes["one_merge"]["procedure_occurrence"]) > 1  # more than one round of studies
+
+
+def _one_instance_study(folder: Path, study_uid: str) -> Path:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = study_uid + ".1.1"
+    p = folder / f"{study_uid}.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+def test_a_new_study_looks_up_no_silver_imagingstudy_file_whose_uid_range_cannot_hold_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silver ImagingStudy is merged a round of studies at a time, each round a StudyInstanceUID
+    range. A later study's merge key lookup skips the files whose UID range cannot hold it; by
+    the id alone (a SHA-256, SPEC §5.1) it opened every round file whose id range spans its id."""
+    from dicom_assets.lake import rowgroups
+
+    def study_id(uid: str) -> str:
+        return hashlib.sha256(f"{NS}/ImagingStudy/{uid}".encode()).hexdigest()
+
+    root = "1.2.826.0.1.3680043.8.498.4242"
+    day_uids = [f"{root}.{k}" for k in range(10, 18)]  # two rounds of four: [.10-.13], [.14-.17]
+    rounds = [sorted(study_id(u) for u in day_uids[:4]), sorted(study_id(u) for u in day_uids[4:])]
+    # A new UID above both ranges whose id lies inside both rounds' id ranges.
+    new_uid = next(u for u in (f"{root}.9{k}" for k in range(1000)) if all(r[0] < study_id(u) < r[-1] for r in rounds))
+    folder = tmp_path / "src"
+    folder.mkdir()
+    monkeypatch.setattr(fhir_steps, "STUDIES_PER_ROUND", 4)
+    lake = tmp_path / "lake"
+    for i, uid in enumerate(day_uids):
+        drop(lake, _one_instance_study(folder, uid), 0, DAYS[0], second=i)
+    run(lake, DAYS[0])
+    uri = LakePaths.of(lake).table_uri("silver_ImagingStudy")
+    day_files = set(DeltaTable(uri).file_uris())
+    assert len(day_files) == 2
+    opened: list[str] = []
+    footer = rowgroups.footer
+    merge = fhir_steps.merge_silver
+
+    def merge_recorded(*a: Any, **k: Any) -> Any:
+        monkeypatch.setattr(rowgroups, "footer", lambda path: opened.append(path) or footer(path))
+        try:
+            return merge(*a, **k)
+        finally:
+            monkeypatch.setattr(rowgroups, "footer", footer)
+
+    monkeypatch.setattr(fhir_steps, "merge_silver", merge_recorded)
+    drop(lake, _one_instance_study(folder, new_uid), 0, DAYS[1], second=0)
+    run(lake, DAYS[1])
+    assert set(DeltaTable(uri).file_uris()) > day_files  # the new study landed in a file of its own
+    assert not set(opened) & day_files
 
 
 def test_a_compacted_day_has_the_same_tables(sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
