@@ -133,8 +133,17 @@ def commit_replace(
     whose rows all have ``column = day``; an empty list deletes the day. The
     table is created with ``schema`` when absent and must otherwise have that
     schema. Conflicting commits are retried (:func:`delta.with_commit_retry`).
+    When the replacement fails for good, the parts of ``adds`` that did not
+    land are deleted (:func:`discard`): nothing else refers to them.
     """
-    uri_s = str(uri)
+    try:
+        _commit_replace(str(uri), schema, adds, day, column, retries)
+    except BaseException:
+        discard(uri, adds)
+        raise
+
+
+def _commit_replace(uri_s: str, schema: pa.Schema, adds: Sequence[AddAction], day: str, column: str, retries: int) -> None:
     folder = table_dir(uri_s)
     for add in adds:
         if _day_state(folder / unquote(add.path), add.stats, column, day) != _ALL:

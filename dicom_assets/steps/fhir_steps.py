@@ -133,8 +133,9 @@ def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> i
     The lines are parsed and written one NDJSON file (at most
     :data:`MAX_PER_FILE` resources) at a time, as the row groups of one part
     file, which then replaces the day in one commit
-    (:func:`~dicom_assets.lake.delta_commit.commit_replace`): memory holds one
-    NDJSON file's resources whatever the day's size.
+    (:func:`~dicom_assets.lake.delta_commit.commit_replace`, which removes
+    the part if the commit fails): memory holds one NDJSON file's resources
+    whatever the day's size.
     """
     now = now or datetime.now(UTC)
     uri = paths.table_uri("bronze_ImagingStudy")
@@ -159,11 +160,7 @@ def load_bronze(paths: LakePaths, day: str, *, now: datetime | None = None) -> i
     adds = [] if first is None else [
         delta_commit.add_action_from_record(parts.write_part_pieces(folder, chain([first], stream), BRONZE_IMAGINGSTUDY_SCHEMA))
     ]
-    try:
-        delta_commit.commit_replace(uri, BRONZE_IMAGINGSTUDY_SCHEMA, adds, day)
-    except BaseException:
-        delta_commit.discard(uri, adds)
-        raise
+    delta_commit.commit_replace(uri, BRONZE_IMAGINGSTUDY_SCHEMA, adds, day)
     return loaded
 
 

@@ -179,6 +179,18 @@ def test_adds_holding_another_day_are_refused(tmp_path: Path) -> None:
         dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY2, 1, "z"))], DAY1)
 
 
+def test_a_replacement_that_fails_deletes_its_parts_and_keeps_the_table(tmp_path: Path) -> None:
+    """The caller's parts are referred to by nothing once the replacement failed (an engine's, the bronze day's)."""
+    uri = tmp_path / "t"
+    dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY1, 2, "p"))], DAY1)
+    before = sorted(p.name for p in dc.table_dir(uri).glob("*.parquet"))
+    refused = dc.write_part(uri, rows(DAY2, 1, "z"))
+    with pytest.raises(ValueError, match="ingestDate"):
+        dc.commit_replace(uri, METASTORE_SCHEMA, [dc.write_part(uri, rows(DAY1, 1, "q")), refused], DAY1)
+    assert sorted(p.name for p in dc.table_dir(uri).glob("*.parquet")) == before
+    assert content(uri) == keys(DAY1, 2, "p")
+
+
 def test_a_table_with_another_schema_is_refused(tmp_path: Path) -> None:
     uri = tmp_path / "t"
     write_deltalake(str(uri), pa.table({"ingestDate": [DAY1]}))

@@ -67,7 +67,7 @@ def test_a_failed_commit_leaves_no_part_file_behind(tmp_path: Path, monkeypatch:
     def lost(*_a: object, **_k: object) -> None:
         raise RuntimeError("commit lost")
 
-    monkeypatch.setattr(delta_commit, "commit_replace", lost)
+    monkeypatch.setattr(delta_commit, "_commit_replace", lost)  # the commit itself fails
     with pytest.raises(RuntimeError, match="commit lost"):
         fhir_steps.load_bronze(paths, DAY1)
     assert sorted(p.name for p in delta_commit.table_dir(uri).glob("*.parquet")) == before
